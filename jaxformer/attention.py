@@ -1,0 +1,74 @@
+"""Attention shared by GPT-2 and the translator: masks, a preallocated KV cache, the kernel.
+
+Shapes: ``q: [batch, q_len, heads, head_dim]``, ``k, v: [batch, kv_len, heads, head_dim]``.
+A cache holds ``max_len`` key/value slots; a call writes its keys at slot ``index`` and attends
+over all slots, so the cache is passed in and the updated one is returned.
+"""
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+
+class KVCache(NamedTuple):
+    """Preallocated keys and values: ``k, v: [batch, max_len, heads, head_dim]``, or stacked per
+    layer ``[layers, batch, max_len, heads, head_dim]`` for a model whose layers are scanned."""
+
+    k: jax.Array
+    v: jax.Array
+
+    @classmethod
+    def zeros(cls, batch: int, max_len: int, heads: int, head_dim: int, dtype=jnp.float32):
+        shape = (batch, max_len, heads, head_dim)
+        return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+
+    def update(self, k: jax.Array, v: jax.Array, index, layer=None) -> "KVCache":
+        """Writes ``k, v: [batch, len, heads, head_dim]`` at slots ``index .. index+len`` (of ``layer``
+        in a stacked cache). Only the new slots are written, so in a loop XLA updates in place."""
+        if layer is not None:
+            k, v, start = k[None], v[None], (layer, 0, index, 0, 0)
+        else:
+            start = (0, index, 0, 0)
+        return KVCache(
+            lax.dynamic_update_slice(self.k, k.astype(self.k.dtype), start),
+            lax.dynamic_update_slice(self.v, v.astype(self.v.dtype), start),
+        )
+
+    def layer(self, i) -> "KVCache":
+        """Layer ``i`` of a stacked cache."""
+        return KVCache(self.k[i], self.v[i])
+
+
+def causal_mask(key_valid: jax.Array, q_len: int, index=0) -> jax.Array:
+    """bool[batch, 1, q_len, kv_len]: query ``i`` (at slot ``index+i``) sees valid keys at slots <= its own.
+
+    key_valid: bool[batch, kv_len], False at padding and at slots not written yet.
+    """
+    q_slot = index + jnp.arange(q_len)[:, None]
+    k_slot = jnp.arange(key_valid.shape[-1])[None, :]
+    return (k_slot <= q_slot)[None, None] & key_valid[:, None, None, :]
+
+
+def padding_mask(key_valid: jax.Array) -> jax.Array:
+    """bool[batch, 1, 1, kv_len] from bool[batch, kv_len] (encoder and cross attention)."""
+    return key_valid[:, None, None, :]
+
+
+def dot_product_attention(q, k, v, mask, *, scale: float, upcast_qk: bool = False, dropout_fn=None):
+    """Softmax attention with float32 scores.
+
+    q: [b, tq, h, d]; k, v: [b, tk, h, d]; mask: bool broadcastable to [b, h, tq, tk].
+    upcast_qk: compute ``q @ k`` in float32 (GPT-2's ``reorder_and_upcast_attn``).
+    dropout_fn: applied to the attention probabilities in training.
+    Returns [b, tq, h, d] in v's dtype.
+    """
+    if upcast_qk:
+        q, k = q.astype(jnp.float32), k.astype(jnp.float32)
+    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
+    scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1)
+    if dropout_fn is not None:
+        probs = dropout_fn(probs)
+    return jnp.einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), v)

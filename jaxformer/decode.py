@@ -1,0 +1,187 @@
+"""Model-agnostic decoding: sampling, a token loop and beam search, each meant to run inside one jit.
+
+The model is seen only through ``step_fn(token_ids: int32[n], cache) -> (float32[n, V], cache)``:
+it feeds one token per row, writes it into the cache and returns the next-token logits. The same
+loops serve GPT-2 (decoder-only) and the translator (encoder-decoder).
+"""
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+StepFn = Callable[[jax.Array, object], tuple[jax.Array, object]]
+NEG_INF = -1e30
+
+
+def sample_logits(logits, key, temperature, top_k, top_p):
+    """Draws one token per row from ``logits: float32[b, V]``.
+
+    key: one key, or a key per row (shape [b]) so that a row's draws do not depend on its batch.
+    temperature > 0; top_k = 0 keeps all tokens; top_p = 1 keeps all. All three may be traced
+    scalars, so changing them does not recompile. Ties at the cut-off value are kept.
+    Returns int32[b].
+    """
+    logits = logits.astype(jnp.float32) / temperature
+    vocab = logits.shape[-1]
+    ranked = -jnp.sort(-logits, axis=-1)  # descending
+    rank = jnp.arange(vocab)
+    ranked = jnp.where((top_k <= 0) | (rank < top_k), ranked, NEG_INF)
+    probs = jax.nn.softmax(ranked, axis=-1)
+    before = jnp.cumsum(probs, axis=-1) - probs  # probability mass ranked above each token
+    kept = jnp.sum((before < top_p) & (ranked > NEG_INF), axis=-1, keepdims=True)  # >= 1
+    cutoff = jnp.take_along_axis(ranked, kept - 1, axis=-1)
+    logits = jnp.where(logits >= cutoff, logits, NEG_INF)
+    if key.ndim:
+        return jax.vmap(jax.random.categorical)(key, logits).astype(jnp.int32)
+    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+def greedy_or_sample(greedy: bool, temperature=1.0, top_k=0, top_p=1.0):
+    """A ``(logits, key) -> tokens`` picker: argmax when ``greedy`` (a Python bool), else sampling."""
+    if greedy:
+        return lambda logits, key: jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    return lambda logits, key: sample_logits(logits, key, temperature, top_k, top_p)
+
+
+def decode_loop(step_fn: StepFn, logits, cache, key, pick, *, max_new_tokens: int, limit=None,
+                eos_id: int | None = None, pad_id: int = 0):
+    """Generates up to ``max_new_tokens`` tokens per row in a ``lax.while_loop``.
+
+    logits: float32[b, V], the next-token logits after the prompt (from a prefill).
+    key: one PRNG key or one per row ([b]); step ``i`` hands ``fold_in(key, i)`` to
+      ``pick: (logits, key) -> int32[b]`` (see :func:`greedy_or_sample`), so a seed reproduces samples.
+    max_new_tokens: static size of the output buffer. limit: optional int32[b] or scalar, the
+      number of tokens each row may emit (<= max_new_tokens); traced, so it does not recompile.
+    eos_id: a row stops after emitting it; the loop ends when every row has stopped.
+    Returns (int32[b, max_new_tokens] padded with ``pad_id``, int32[b] lengths incl. EOS, cache).
+    """
+    b = logits.shape[0]
+    limit = jnp.broadcast_to(jnp.asarray(max_new_tokens if limit is None else limit, jnp.int32), (b,))
+    out = jnp.full((b, max_new_tokens), pad_id, jnp.int32)
+
+    def cond(s):
+        i, _, done, _, _ = s
+        return (i < max_new_tokens) & ~jnp.all(done)
+
+    def body(s):
+        i, out, done, logits, cache = s
+        done = done | (i >= limit)
+        tok = jnp.where(done, pad_id, pick(logits, fold_in(key, i)))
+        out = lax.dynamic_update_slice(out, tok[:, None], (0, i))
+        if eos_id is not None:
+            done = done | (tok == eos_id)
+        logits, cache = step_fn(tok, cache)
+        return i + 1, out, done, logits, cache
+
+    done = limit <= 0
+    _, out, _, _, cache = lax.while_loop(cond, body, (jnp.int32(0), out, done, logits, cache))
+    lengths = _lengths_until_eos(out, eos_id, limit)
+    return out, lengths.astype(jnp.int32), cache
+
+
+def fold_in(key, i):
+    """``jax.random.fold_in`` for one key or a batch of keys."""
+    return jax.vmap(jax.random.fold_in, (0, None))(key, i) if key.ndim else jax.random.fold_in(key, i)
+
+
+def _lengths_until_eos(out, eos_id, limit):
+    """Tokens up to and including the first EOS, capped by ``limit``."""
+    if eos_id is None:
+        return limit
+    is_eos = out == eos_id
+    first = jnp.where(is_eos.any(axis=1), jnp.argmax(is_eos, axis=1) + 1, out.shape[1])
+    return jnp.minimum(first, limit)
+
+
+# --- beam search ---------------------------------------------------------------------------------
+
+def length_penalty(length, alpha: float):
+    """GNMT length penalty ``((5 + length) / 6) ** alpha``; alpha = 0 ranks by raw log-probability."""
+    return ((5.0 + length) / 6.0) ** alpha
+
+
+def _flat(x):  # [b, k, ...] -> [b*k, ...]
+    return x.reshape((-1,) + x.shape[2:])
+
+
+def _gather_beams(tree, beam_idx, batch: int, beams_in: int):
+    """Selects beams ``beam_idx: int32[b, k]`` from every leaf shaped [b * beams_in, ...]."""
+    flat_idx = (jnp.arange(batch)[:, None] * beams_in + beam_idx).reshape(-1)
+    return jax.tree.map(lambda x: x[flat_idx], tree)
+
+
+def beam_search(step_fn: StepFn, start_tokens, cache, *, beam_size: int, max_len: int, eos_id: int,
+                alpha: float = 0.6, limit=None):
+    """Beam search with a GNMT length penalty, one ``lax.while_loop``.
+
+    Each step extends every alive beam, keeps the best ``2 * beam_size`` candidates, moves those
+    among the best ``beam_size`` that end to the row's finished set, and continues the best
+    ``beam_size`` that did not end. A hypothesis ends with EOS, or with its row's ``limit``-th token
+    (kept as it is, as greedy decoding truncates). A row is done when it has ``beam_size`` finished
+    hypotheses (fairseq's rule), so beam size 1 is exactly greedy search; the loop ends when every
+    row is done.
+
+    start_tokens: int32[b] fed first (BOS). cache: pytree whose leaves have batch ``b`` as their
+      leading axis; it is repeated ``beam_size`` times and reordered with the beams, so everything
+      step_fn needs per row (e.g. the encoder output) belongs in it.
+    max_len: static number of output slots. limit: optional int32[b] or scalar, tokens allowed per
+      row, 1 <= limit (capped at max_len); traced, so it does not recompile.
+    Returns (int32[b, beam_size, max_len] best-first, float32[b, beam_size] scores = log p / penalty).
+    Sequences hold their tokens (up to and including EOS, if they ended with it), then zeros.
+    """
+    b, k = start_tokens.shape[0], beam_size
+    limit = jnp.broadcast_to(jnp.minimum(jnp.asarray(max_len if limit is None else limit, jnp.int32), max_len), (b,))
+    cache = jax.tree.map(lambda x: jnp.repeat(x, k, axis=0), cache)
+    state = dict(
+        i=jnp.int32(0),
+        last=jnp.repeat(start_tokens[:, None], k, axis=1).astype(jnp.int32),
+        seqs=jnp.zeros((b, k, max_len), jnp.int32),
+        logp=jnp.tile(jnp.array([0.0] + [NEG_INF] * (k - 1), jnp.float32), (b, 1)),
+        fin_seqs=jnp.zeros((b, k, max_len), jnp.int32),
+        fin_scores=jnp.full((b, k), NEG_INF, jnp.float32),
+        cache=cache,
+    )
+
+    def row_done(fin_scores):  # a row is done once it holds beam_size finished hypotheses
+        return fin_scores[:, -1] > NEG_INF / 2
+
+    def cond(s):
+        return (s["i"] < max_len) & ~jnp.all(row_done(s["fin_scores"]))
+
+    def body(s):
+        i = s["i"]
+        logits, cache = step_fn(_flat(s["last"]), s["cache"])
+        logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+        vocab = logp.shape[-1]
+        cand = (s["logp"][:, :, None] + logp.reshape(b, k, vocab)).reshape(b, k * vocab)
+        cand_logp, cand_idx = lax.top_k(cand, 2 * k)
+        beam_idx, tok = cand_idx // vocab, (cand_idx % vocab).astype(jnp.int32)
+        seqs = jnp.take_along_axis(s["seqs"], beam_idx[:, :, None], axis=1)
+        seqs = lax.dynamic_update_slice(seqs, tok[:, :, None], (0, 0, i))
+        ends = (tok == eos_id) | (i + 1 >= limit)[:, None]
+        dead = cand_logp <= NEG_INF / 2
+
+        # Alive: the best k candidates that did not end.
+        alive_logp, alive_pos = lax.top_k(jnp.where(ends | dead, 2 * NEG_INF, cand_logp), k)
+        alive = dict(
+            last=jnp.take_along_axis(tok, alive_pos, axis=1),
+            seqs=jnp.take_along_axis(seqs, alive_pos[:, :, None], axis=1),
+            logp=jnp.maximum(alive_logp, NEG_INF),
+        )
+        cache = _gather_beams(cache, jnp.take_along_axis(beam_idx, alive_pos, axis=1), b, k)
+
+        # Finished: the candidates ranked in the top k that end, merged with the k best finished so
+        # far. A done row's set is frozen, so a row's result does not depend on its batch.
+        top_k_rank = (jnp.arange(2 * k) < k)[None, :]
+        finalize = ends & ~dead & top_k_rank & ~row_done(s["fin_scores"])[:, None]
+        new_scores = jnp.where(finalize, cand_logp / length_penalty(i + 1.0, alpha), NEG_INF)
+        all_scores = jnp.concatenate([s["fin_scores"], new_scores], axis=1)
+        all_seqs = jnp.concatenate([s["fin_seqs"], seqs], axis=1)
+        fin_scores, fin_pos = lax.top_k(all_scores, k)
+        fin_seqs = jnp.take_along_axis(all_seqs, fin_pos[:, :, None], axis=1)
+        return dict(i=i + 1, cache=cache, fin_seqs=fin_seqs, fin_scores=fin_scores, **alive)
+
+    s = lax.while_loop(cond, body, state)
+    return s["fin_seqs"], s["fin_scores"]

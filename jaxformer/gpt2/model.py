@@ -1,0 +1,178 @@
+"""GPT-2 in Flax Linen. Parameter names follow Hugging Face's so the converter is a table.
+
+Params (``L`` = n_layer, stacked by ``nn.scan`` so compile time does not grow with depth)::
+
+    wte/embedding [V, D]   wpe/embedding [P, D]   ln_f/{scale, bias} [D]   (lm_head [D, V] if untied)
+    h/ln_1, h/ln_2 {scale, bias} [L, D]
+    h/attn/c_attn {kernel [L, D, 3D], bias [L, 3D]}    h/attn/c_proj {kernel [L, D, D], bias [L, D]}
+    h/mlp/c_fc {kernel [L, D, F], bias [L, F]}         h/mlp/c_proj {kernel [L, F, D], bias [L, D]}
+
+With ``config.scan_layers=False`` the same block params sit unstacked under ``h_0 .. h_{L-1}``
+(:func:`unstack_layers` / :func:`stack_layers` convert). The KV cache is a
+:class:`~jaxformer.attention.KVCache` with leaves ``[L, batch, max_len, heads, head_dim]``.
+"""
+
+import math
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from jaxformer.activations import activation
+from jaxformer.attention import KVCache, causal_mask, dot_product_attention
+from jaxformer.gpt2.config import GPT2Config
+
+
+def _dense(cfg: GPT2Config, features: int, name: str, std: float | None = None):
+    return nn.Dense(
+        features, name=name, dtype=cfg.compute_dtype, param_dtype=jnp.dtype(cfg.param_dtype),
+        kernel_init=nn.initializers.normal(std or cfg.initializer_range),
+    )
+
+
+def _layer_norm(cfg: GPT2Config, name: str):
+    return nn.LayerNorm(epsilon=cfg.layer_norm_epsilon, dtype=cfg.compute_dtype,
+                        param_dtype=jnp.dtype(cfg.param_dtype), name=name)
+
+
+class CausalSelfAttention(nn.Module):
+    config: GPT2Config
+    deterministic: bool = True
+
+    @nn.compact
+    def __call__(self, x, mask, layer_idx, cache: KVCache | None, index):
+        """x: [b, t, D]; mask: bool[b, 1, t, kv_len]; cache: stacked over layers, this layer's
+        slots are written at ``index``. Returns ([b, t, D], updated cache)."""
+        cfg = self.config
+        b, t, _ = x.shape
+        qkv = _dense(cfg, 3 * cfg.n_embd, "c_attn")(x)
+        q, k, v = (a.reshape(b, t, cfg.n_head, cfg.head_dim) for a in jnp.split(qkv, 3, axis=-1))
+        if cache is not None:
+            cache = cache.update(k, v, index, layer=layer_idx)
+            k, v = (a.astype(q.dtype) for a in cache.layer(layer_idx))
+        scale = cfg.head_dim**-0.5 if cfg.scale_attn_weights else 1.0
+        if cfg.scale_attn_by_inverse_layer_idx:
+            scale = scale / (jnp.asarray(layer_idx, jnp.float32) + 1)
+        dropout = None
+        if not self.deterministic and cfg.attn_pdrop > 0:
+            dropout = lambda p: nn.Dropout(cfg.attn_pdrop)(p, deterministic=False)  # noqa: E731
+        y = dot_product_attention(q, k, v, mask, scale=scale, upcast_qk=cfg.reorder_and_upcast_attn,
+                                  dropout_fn=dropout)
+        std = cfg.initializer_range / math.sqrt(2 * cfg.n_layer)
+        y = _dense(cfg, cfg.n_embd, "c_proj", std)(y.reshape(b, t, cfg.n_embd))
+        return nn.Dropout(cfg.resid_pdrop)(y, deterministic=self.deterministic), cache
+
+
+class MLP(nn.Module):
+    config: GPT2Config
+    deterministic: bool = True
+
+    @nn.compact
+    def __call__(self, x):
+        cfg = self.config
+        h = activation(cfg.activation_function)(_dense(cfg, cfg.inner_dim, "c_fc")(x))
+        y = _dense(cfg, cfg.n_embd, "c_proj", cfg.initializer_range / math.sqrt(2 * cfg.n_layer))(h)
+        return nn.Dropout(cfg.resid_pdrop)(y, deterministic=self.deterministic)
+
+
+class Block(nn.Module):
+    """Pre-LN transformer block as a scan body: ``((x, cache), layer_idx) -> ((x, cache), None)``.
+
+    The whole stacked cache rides in the carry and each layer writes only its new slots, so a decode
+    loop updates the cache in place instead of copying it once per layer.
+    """
+
+    config: GPT2Config
+    deterministic: bool = True
+
+    @nn.compact
+    def __call__(self, carry, layer_idx, mask, index):
+        cfg, det = self.config, self.deterministic
+        x, cache = carry
+        y, cache = CausalSelfAttention(cfg, det, name="attn")(_layer_norm(cfg, "ln_1")(x), mask, layer_idx, cache, index)
+        x = x + y
+        x = x + MLP(cfg, det, name="mlp")(_layer_norm(cfg, "ln_2")(x))
+        return (x, cache), None
+
+
+class GPT2(nn.Module):
+    """GPT-2 language model (``GPT2LMHeadModel``)."""
+
+    config: GPT2Config
+    deterministic: bool = True
+
+    @nn.compact
+    def __call__(self, tokens, positions=None, key_valid=None, cache: KVCache | None = None, index=0,
+                 last_only: bool = False):
+        """Logits (float32) and the updated cache.
+
+        tokens: int32[b, t]. positions: int32[b, t], default ``index + arange(t)``.
+        key_valid: bool[b, kv_len] with kv_len = t without a cache, max_len with one; False marks
+          padding (and cache slots not yet written). Default: all valid.
+        cache: KVCache with leaves [L, b, max_len, heads, head_dim]; this call writes at slot ``index``.
+        last_only: return logits for the last position only ([b, 1, V]), as generation needs.
+        Returns (float32[b, t or 1, V], cache or None).
+        """
+        cfg = self.config
+        b, t = tokens.shape
+        if positions is None:
+            positions = jnp.broadcast_to(index + jnp.arange(t), (b, t))
+        if key_valid is None:
+            key_valid = jnp.ones((b, t if cache is None else cache.k.shape[2]), bool)
+        mask = causal_mask(key_valid, t, index)
+
+        emb = lambda n, name: nn.Embed(  # noqa: E731
+            n, cfg.n_embd, name=name, dtype=cfg.compute_dtype, param_dtype=jnp.dtype(cfg.param_dtype),
+            embedding_init=nn.initializers.normal(cfg.initializer_range))
+        wte = emb(cfg.vocab_size, "wte")
+        x = wte(tokens) + emb(cfg.n_positions, "wpe")(positions)
+        x = nn.Dropout(cfg.embd_pdrop)(x, deterministic=self.deterministic)
+
+        block = nn.remat(Block, prevent_cse=not cfg.scan_layers) if cfg.remat else Block
+        if cfg.scan_layers:
+            blocks = nn.scan(
+                block, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+                in_axes=(0, nn.broadcast, nn.broadcast), length=cfg.n_layer,
+            )(cfg, self.deterministic, name="h")
+            (x, cache), _ = blocks((x, cache), jnp.arange(cfg.n_layer), mask, index)
+        else:
+            for i in range(cfg.n_layer):
+                (x, cache), _ = block(cfg, self.deterministic, name=f"h_{i}")((x, cache), i, mask, index)
+
+        if last_only:
+            x = x[:, -1:]
+        x = _layer_norm(cfg, "ln_f")(x)
+        if cfg.tie_word_embeddings:
+            head = wte.embedding.T
+        else:
+            head = self.param("lm_head", nn.initializers.normal(cfg.initializer_range),
+                              (cfg.n_embd, cfg.vocab_size), jnp.dtype(cfg.param_dtype))
+        logits = jnp.einsum("btd,dv->btv", x, head.astype(cfg.compute_dtype), preferred_element_type=jnp.float32)
+        return logits, cache
+
+
+def unstack_layers(params, n_layer: int):
+    """Stacked ``h`` ([L, ...] leaves) -> ``h_0 .. h_{L-1}`` (for ``scan_layers=False``)."""
+    params = dict(params)
+    stacked = params.pop("h")
+    return {**params, **{f"h_{i}": jax.tree.map(lambda x: x[i], stacked) for i in range(n_layer)}}
+
+
+def stack_layers(params, n_layer: int):
+    """``h_0 .. h_{L-1}`` -> stacked ``h`` (for ``scan_layers=True``)."""
+    params = dict(params)
+    layers = [params.pop(f"h_{i}") for i in range(n_layer)]
+    return {**params, "h": jax.tree.map(lambda *xs: jnp.stack(xs), *layers)}
+
+
+def init_cache(config: GPT2Config, batch: int, max_len: int, dtype=None) -> KVCache:
+    """Zeroed cache with leaves [n_layer, batch, max_len, heads, head_dim] in the compute dtype."""
+    shape = (config.n_layer, batch, max_len, config.n_head, config.head_dim)
+    dtype = dtype or config.compute_dtype
+    return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+
+
+def init_params(config: GPT2Config, key: jax.Array):
+    """Random params (GPT-2 initialisation) as a plain pytree."""
+    tokens = jnp.zeros((1, 8), jnp.int32)
+    return GPT2(config).init(key, tokens)["params"]

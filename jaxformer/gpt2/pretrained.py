@@ -1,0 +1,58 @@
+"""jaxformer GPT-2 checkpoint directories, and loading whatever a user points at.
+
+A jaxformer checkpoint directory holds ``config.json`` (:class:`GPT2Config`), ``params/`` (Orbax)
+and the tokenizer files. :func:`load_pretrained` also takes a Hugging Face directory or hub id and
+converts it on the fly.
+"""
+
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+
+from jaxformer.checkpoint import restore_pytree, save_pytree
+from jaxformer.gpt2 import hf
+from jaxformer.gpt2.config import GPT2Config
+from jaxformer.gpt2.model import init_params, stack_layers, unstack_layers
+from jaxformer.tokenizer import GPT2Tokenizer, copy_tokenizer_files, has_tokenizer
+
+
+def is_jaxformer_checkpoint(path: str | Path) -> bool:
+    path = Path(path)
+    return (path / "params").is_dir() and (path / "config.json").is_file()
+
+
+def save_pretrained(dst: str | Path, config: GPT2Config, params, tokenizer_dir: str | Path | None = None) -> Path:
+    """Writes config.json, params/ (atomically; layers always stacked) and the tokenizer files
+    found in tokenizer_dir."""
+    dst = Path(dst)
+    dst.mkdir(parents=True, exist_ok=True)
+    if not config.scan_layers:
+        params, config = stack_layers(params, config.n_layer), config.replace(scan_layers=True)
+    save_pytree(dst / "params", params)
+    config.save(dst / "config.json")
+    if tokenizer_dir is not None:
+        copy_tokenizer_files(tokenizer_dir, dst)
+    return dst
+
+
+def load_pretrained(src: str | Path, **config_overrides) -> tuple[GPT2Config, dict, GPT2Tokenizer | None]:
+    """(config, params, tokenizer or None) from a jaxformer checkpoint, a HF directory or a hub id.
+
+    config_overrides, e.g. ``dtype="bfloat16"`` or ``scan_layers=False`` (faster decoding on CPU),
+    apply on top of the stored config; params are cast to the resulting ``param_dtype``.
+    """
+    if is_jaxformer_checkpoint(src):
+        path = Path(src)
+        config = GPT2Config.load(path / "config.json").replace(**config_overrides)
+        stored = config.replace(scan_layers=True)
+        like = jax.eval_shape(lambda: init_params(stored, jax.random.key(0)))
+        params = restore_pytree(path / "params", like)
+        if not config.scan_layers:
+            params = unstack_layers(params, config.n_layer)
+    else:
+        path = hf.resolve(src)
+        config, params = hf.load_hf(path, **config_overrides)
+        params = jax.tree.map(jnp.asarray, params)
+    tokenizer = GPT2Tokenizer.from_dir(path) if has_tokenizer(path) else None
+    return config, params, tokenizer

@@ -1,0 +1,141 @@
+"""GPT-2 generation speed: jaxformer against Hugging Face PyTorch ``generate`` in the same run.
+
+    python scripts/bench_generate.py --json bench_generate.json
+
+Both run the same random-weight GPT-2 (124M shape by default), greedy, with a KV cache, a
+32-token prompt and 128 new tokens (no early stop). Roofline: the bytes of weights one decode
+step reads, divided by the time per step, as a fraction of a copy bandwidth measured in this run
+(STREAM convention: bytes read + written per second).
+"""
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def device_name() -> str:
+    d = jax.devices()[0]
+    if d.platform == "cpu":
+        model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+                     platform.processor())
+        return f"cpu: {model} ({os.cpu_count()} cores)"
+    return f"{d.platform}: {d.device_kind}"
+
+
+def copy_bandwidth(nbytes: int = 1 << 29) -> float:
+    """Bytes/s of a large array copy on the default device (read + write)."""
+    x = jnp.ones(nbytes // 4, jnp.float32)
+    copy = jax.jit(lambda a: a + 0.0)
+    copy(x).block_until_ready()
+    times = []
+    for _ in range(5):
+        t = time.perf_counter()
+        copy(x).block_until_ready()
+        times.append(time.perf_counter() - t)
+    return 2 * nbytes / min(times)
+
+
+def timed(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", default="gpt2")
+    ap.add_argument("--batch", type=int, nargs="+", default=[1, 8])
+    ap.add_argument("--dtype", nargs="+", default=["float32"], choices=["float32", "bfloat16"])
+    ap.add_argument("--prompt-len", type=int, default=32)
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--no-hf", action="store_true", help="skip the PyTorch baseline")
+    ap.add_argument("--json", help="write results here")
+    args = ap.parse_args(argv)
+
+    import torch
+    import transformers
+
+    from jaxformer.gpt2.config import preset
+    from jaxformer.gpt2.generate import generate
+    from jaxformer.gpt2.hf import hf_to_params
+
+    on_gpu = jax.devices()[0].platform == "gpu"
+    tdev = "cuda" if on_gpu and torch.cuda.is_available() else "cpu"
+    base = preset(args.preset)
+    torch.manual_seed(0)
+    hf_model = transformers.GPT2LMHeadModel(transformers.GPT2Config(**base.to_hf_dict())).eval()
+    state = {k: v.float().numpy() for k, v in hf_model.state_dict().items()}
+    bw = copy_bandwidth()
+    device = device_name()
+    print(f"device: {device}; torch {torch.__version__} on {tdev} with {torch.get_num_threads()} threads; "
+          f"copy bandwidth {bw / 1e9:.1f} GB/s")
+
+    rng = np.random.RandomState(0)
+    cases = []
+    for dtype in args.dtype:
+        config = base.replace(dtype=dtype, param_dtype=dtype)
+        params = jax.device_put(hf_to_params(state, config))
+        # Weights one decode step reads: everything but the position table (one row of it is read).
+        weight_bytes = sum(x.nbytes for x in jax.tree.leaves(params)) - params["wpe"]["embedding"].nbytes
+        tmodel = hf_model.to(tdev, dtype=getattr(torch, dtype))
+        for b in args.batch:
+            prompts = rng.randint(0, config.vocab_size, (b, args.prompt_len)).tolist()
+            run = lambda: generate(params, config, prompts, max_new_tokens=args.new_tokens,  # noqa: E731
+                                   greedy=True, stop_at_eos=False)
+            start = time.perf_counter()
+            out = run()
+            first_call = time.perf_counter() - start
+            assert all(len(o) == args.new_tokens for o in out)
+            jf_s = timed(run, args.repeats)
+            compile_s = first_call - jf_s
+            jf_tok_s = b * args.new_tokens / jf_s
+            step_s = jf_s / args.new_tokens
+            case = dict(batch=b, dtype=dtype, prompt_len=args.prompt_len, new_tokens=args.new_tokens,
+                        jaxformer_tok_s=jf_tok_s, compile_s=compile_s, jaxformer_s=jf_s,
+                        roofline_fraction=weight_bytes / step_s / bw)
+            if not args.no_hf:
+                ids = torch.tensor(prompts, device=tdev)
+
+                def hf_run():
+                    with torch.inference_mode():
+                        hf_out = tmodel.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                                 max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
+                                                 pad_token_id=config.eos_token_id, use_cache=True)
+                    if tdev == "cuda":
+                        torch.cuda.synchronize()
+                    return hf_out
+
+                hf_run()  # warm-up
+                hf_s = timed(hf_run, args.repeats)
+                case.update(hf_tok_s=b * args.new_tokens / hf_s, hf_s=hf_s, speedup=hf_s / jf_s)
+            cases.append(case)
+            print(json.dumps(case))
+        del params
+
+    print(f"\n{'batch':>5} {'dtype':>9} {'jaxformer tok/s':>16} {'HF tok/s':>9} {'speedup':>8} "
+          f"{'compile s':>10} {'roofline':>9}")
+    for c in cases:
+        print(f"{c['batch']:>5} {c['dtype']:>9} {c['jaxformer_tok_s']:>16.1f} {c.get('hf_tok_s', float('nan')):>9.1f} "
+              f"{c.get('speedup', float('nan')):>7.2f}x {c['compile_s']:>10.2f} {c['roofline_fraction']:>8.0%}")
+    result = dict(device=device, copy_bandwidth_gb_s=bw / 1e9, jax=jax.__version__, torch=torch.__version__,
+                  preset=args.preset, cases=cases)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+        print(f"wrote {args.json}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
