@@ -84,7 +84,7 @@ def main(argv=None):
     rng = np.random.RandomState(0)
     cases = []
     for dtype in args.dtype:
-        config = base.replace(dtype=dtype, param_dtype=dtype)
+        config = base.replace(dtype=dtype, param_dtype=dtype, scan_layers=False)
         params = jax.device_put(hf_to_params(state, config))
         # Weights one decode step reads: everything but the position table (one row of it is read).
         weight_bytes = sum(x.nbytes for x in jax.tree.leaves(params)) - params["wpe"]["embedding"].nbytes

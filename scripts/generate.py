@@ -49,7 +49,8 @@ def main(argv=None) -> int:
         ap.error("--num-samples > 1 needs sampling, not --greedy")
 
     try:
-        config, params, tok = load_pretrained(args.model, **({"dtype": args.dtype} if args.dtype else {}))
+        overrides = dict(scan_layers=False, **({"dtype": args.dtype} if args.dtype else {}))
+        config, params, tok = load_pretrained(args.model, **overrides)
         tok = find_tokenizer(tok, args.tokenizer)
         prompts = [p for p in args.prompt for _ in range(args.num_samples)]
         ids = tok.encode_batch(prompts)
