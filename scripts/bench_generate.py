@@ -13,6 +13,7 @@ import json
 import os
 import platform
 import statistics
+import threading
 import time
 
 import jax
@@ -29,17 +30,32 @@ def device_name() -> str:
     return f"{d.platform}: {d.device_kind}"
 
 
-def copy_bandwidth(nbytes: int = 1 << 29) -> float:
-    """Bytes/s of a large array copy on the default device (read + write)."""
-    x = jnp.ones(nbytes // 4, jnp.float32)
-    copy = jax.jit(lambda a: a + 0.0)
-    copy(x).block_until_ready()
-    times = []
-    for _ in range(5):
-        t = time.perf_counter()
+def copy_bandwidth(nbytes: int = 1 << 29) -> tuple[float, float]:
+    """(all-threads, one-thread) bytes/s of a large array copy, counting bytes read + written.
+
+    On the CPU the copy runs on ``os.cpu_count()`` threads (numpy releases the GIL); on a GPU it is
+    a jitted device copy.
+    """
+    if jax.devices()[0].platform != "cpu":
+        x = jnp.ones(nbytes // 4, jnp.float32)
+        copy = jax.jit(lambda a: a + 0.0)
         copy(x).block_until_ready()
-        times.append(time.perf_counter() - t)
-    return 2 * nbytes / min(times)
+        t = min(timed(lambda: copy(x).block_until_ready(), 1) for _ in range(5))
+        return 2 * nbytes / t, float("nan")
+    src = np.ones(nbytes // 4, np.float32)
+    dst = np.empty_like(src)
+
+    def copy(threads):
+        edges = np.linspace(0, len(src), threads + 1).astype(int)
+        pool = [threading.Thread(target=np.copyto, args=(dst[a:b], src[a:b])) for a, b in zip(edges, edges[1:])]
+        for th in pool:
+            th.start()
+        for th in pool:
+            th.join()
+
+    many = min(timed(lambda: copy(os.cpu_count()), 1) for _ in range(5))
+    one = min(timed(lambda: copy(1), 1) for _ in range(5))
+    return 2 * nbytes / many, 2 * nbytes / one
 
 
 def timed(fn, repeats: int) -> float:
@@ -76,10 +92,10 @@ def main(argv=None):
     torch.manual_seed(0)
     hf_model = transformers.GPT2LMHeadModel(transformers.GPT2Config(**base.to_hf_dict())).eval()
     state = {k: v.float().numpy() for k, v in hf_model.state_dict().items()}
-    bw = copy_bandwidth()
+    bw, bw_one = copy_bandwidth()
     device = device_name()
     print(f"device: {device}; torch {torch.__version__} on {tdev} with {torch.get_num_threads()} threads; "
-          f"copy bandwidth {bw / 1e9:.1f} GB/s")
+          f"copy bandwidth {bw / 1e9:.1f} GB/s (one thread: {bw_one / 1e9:.1f} GB/s)")
 
     rng = np.random.RandomState(0)
     cases = []
@@ -128,7 +144,7 @@ def main(argv=None):
     for c in cases:
         print(f"{c['batch']:>5} {c['dtype']:>9} {c['jaxformer_tok_s']:>16.1f} {c.get('hf_tok_s', float('nan')):>9.1f} "
               f"{c.get('speedup', float('nan')):>7.2f}x {c['compile_s']:>10.2f} {c['roofline_fraction']:>8.0%}")
-    result = dict(device=device, copy_bandwidth_gb_s=bw / 1e9, jax=jax.__version__, torch=torch.__version__,
+    result = dict(device=device, copy_bandwidth_gb_s=bw / 1e9, copy_bandwidth_one_thread_gb_s=bw_one / 1e9, jax=jax.__version__, torch=torch.__version__,
                   preset=args.preset, cases=cases)
     if args.json:
         with open(args.json, "w") as f:

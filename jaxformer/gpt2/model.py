@@ -142,12 +142,14 @@ class GPT2(nn.Module):
         if last_only:
             x = x[:, -1:]
         x = _layer_norm(cfg, "ln_f")(x)
+        # Contract with the embedding as stored ([V, D]): a transposed copy would cost a full
+        # extra pass over the largest matrix at every decoding step.
         if cfg.tie_word_embeddings:
-            head = wte.embedding.T
+            head, spec = wte.embedding, "btd,vd->btv"
         else:
-            head = self.param("lm_head", nn.initializers.normal(cfg.initializer_range),
-                              (cfg.n_embd, cfg.vocab_size), jnp.dtype(cfg.param_dtype))
-        logits = jnp.einsum("btd,dv->btv", x, head.astype(cfg.compute_dtype), preferred_element_type=jnp.float32)
+            head, spec = self.param("lm_head", nn.initializers.normal(cfg.initializer_range),
+                                    (cfg.n_embd, cfg.vocab_size), jnp.dtype(cfg.param_dtype)), "btd,dv->btv"
+        logits = jnp.einsum(spec, x, head.astype(cfg.compute_dtype), preferred_element_type=jnp.float32)
         return logits, cache
 
 
