@@ -1,8 +1,10 @@
 """Attention shared by GPT-2 and the translator: masks, a preallocated KV cache, the kernel.
 
-Shapes: ``q: [batch, q_len, heads, head_dim]``, ``k, v: [batch, kv_len, heads, head_dim]``.
-A cache holds ``max_len`` key/value slots; a call writes its keys at slot ``index`` and attends
-over all slots, so the cache is passed in and the updated one is returned.
+Shapes: queries ``q: [batch, q_len, heads, head_dim]`` (as projected); keys and values are kept
+heads-major, ``[batch, heads, kv_len, head_dim]``, so attention contracts over them as stored
+instead of transposing the whole cache at every decoding step. A cache holds ``max_len`` slots; a
+call writes its keys at slot ``index`` and attends over all slots, so the cache is passed in and the
+updated one is returned.
 """
 
 from typing import NamedTuple
@@ -13,24 +15,33 @@ from jax import lax
 
 
 class KVCache(NamedTuple):
-    """Preallocated keys and values: ``k, v: [batch, max_len, heads, head_dim]``, or stacked per
-    layer ``[layers, batch, max_len, heads, head_dim]`` for a model whose layers are scanned."""
+    """Keys and values ``k, v: [batch, heads, len, head_dim]``, or stacked per layer
+    ``[layers, batch, heads, len, head_dim]`` for a model whose layers are scanned."""
 
     k: jax.Array
     v: jax.Array
 
     @classmethod
     def zeros(cls, batch: int, max_len: int, heads: int, head_dim: int, dtype=jnp.float32):
-        shape = (batch, max_len, heads, head_dim)
+        shape = (batch, heads, max_len, head_dim)
         return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+
+    @classmethod
+    def from_heads(cls, k: jax.Array, v: jax.Array) -> "KVCache":
+        """From projections ``k, v: [batch, len, heads, head_dim]``."""
+        return cls(k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3))
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[-2]
 
     def update(self, k: jax.Array, v: jax.Array, index, layer=None) -> "KVCache":
         """Writes ``k, v: [batch, len, heads, head_dim]`` at slots ``index .. index+len`` (of ``layer``
         in a stacked cache). Only the new slots are written, so in a loop XLA updates in place."""
+        new = KVCache.from_heads(k, v)
+        k, v, start = new.k, new.v, (0, 0, index, 0)
         if layer is not None:
-            k, v, start = k[None], v[None], (layer, 0, index, 0, 0)
-        else:
-            start = (0, index, 0, 0)
+            k, v, start = k[None], v[None], (layer,) + start
         return KVCache(
             lax.dynamic_update_slice(self.k, k.astype(self.k.dtype), start),
             lax.dynamic_update_slice(self.v, v.astype(self.v.dtype), start),
@@ -59,16 +70,17 @@ def padding_mask(key_valid: jax.Array) -> jax.Array:
 def dot_product_attention(q, k, v, mask, *, scale: float, upcast_qk: bool = False, dropout_fn=None):
     """Softmax attention with float32 scores.
 
-    q: [b, tq, h, d]; k, v: [b, tk, h, d]; mask: bool broadcastable to [b, h, tq, tk].
+    q: [b, tq, h, d]; k, v: [b, h, tk, d] (heads-major, as in KVCache); mask: bool broadcastable
+    to [b, h, tq, tk].
     upcast_qk: compute ``q @ k`` in float32 (GPT-2's ``reorder_and_upcast_attn``).
     dropout_fn: applied to the attention probabilities in training.
     Returns [b, tq, h, d] in v's dtype.
     """
     if upcast_qk:
         q, k = q.astype(jnp.float32), k.astype(jnp.float32)
-    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
+    scores = jnp.einsum("bqhd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
     scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1)
     if dropout_fn is not None:
         probs = dropout_fn(probs)
-    return jnp.einsum("bhqk,bkhd->bqhd", probs.astype(v.dtype), v)
+    return jnp.einsum("bhqk,bhkd->bqhd", probs.astype(v.dtype), v)

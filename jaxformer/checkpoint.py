@@ -1,24 +1,37 @@
 """Orbax checkpoints shared by both models: parameter trees saved atomically and restored.
 
-Orbax writes into a temporary directory and renames it into place when complete, so a reader
-never sees a half-written checkpoint.
+A tree is written into ``DIR.new`` (Orbax itself writes into a temporary directory and renames it
+when complete) and only then swapped with ``DIR``, so a process killed at any moment leaves a
+complete checkpoint behind: the old one, the new one, or (killed between the two renames) the old
+one as ``DIR.old``, which :func:`restore_pytree` falls back to.
 """
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 
 
 def save_pytree(path: str | Path, tree) -> None:
     """Writes ``tree`` (arrays) to the directory ``path``, replacing an existing one atomically."""
     path = Path(path).absolute()
+    new, old = path.with_name(path.name + ".new"), path.with_name(path.name + ".old")
     with ocp.StandardCheckpointer() as ckptr:
-        ckptr.save(path, tree, force=True)
+        ckptr.save(new, tree, force=True)
         ckptr.wait_until_finished()
+    if jax.process_index() == 0:
+        shutil.rmtree(old, ignore_errors=True)
+        if path.exists():
+            os.rename(path, old)
+        os.rename(new, path)
+        shutil.rmtree(old, ignore_errors=True)
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(f"save_pytree {path}")
 
 
 def restore_pytree(path: str | Path, like=None):
@@ -28,13 +41,16 @@ def restore_pytree(path: str | Path, like=None):
     structure, dtypes and placement; without it, arrays come back as saved.
     """
     path = Path(path).absolute()
+    if not path.is_dir() and path.with_name(path.name + ".old").is_dir():
+        path = path.with_name(path.name + ".old")  # killed between the two renames of a save
     if not path.is_dir():
         raise FileNotFoundError(f"no checkpoint directory at {path}")
     with ocp.StandardCheckpointer() as ckptr:
         if like is None:
             return ckptr.restore(path)
-        abstract = jax.tree.map(lambda x: x if isinstance(x, jax.ShapeDtypeStruct)
-                                else jax.ShapeDtypeStruct(np.shape(x), x.dtype), like)
+        abstract = jax.tree.map(
+            lambda x: x if isinstance(x, jax.ShapeDtypeStruct) else
+            jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=getattr(x, "sharding", None)), like)
         return ckptr.restore(path, abstract)
 
 

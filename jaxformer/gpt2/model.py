@@ -9,7 +9,7 @@ Params (``L`` = n_layer, stacked by ``nn.scan`` so compile time does not grow wi
 
 With ``config.scan_layers=False`` the same block params sit unstacked under ``h_0 .. h_{L-1}``
 (:func:`unstack_layers` / :func:`stack_layers` convert). The KV cache is a
-:class:`~jaxformer.attention.KVCache` with leaves ``[L, batch, max_len, heads, head_dim]``.
+:class:`~jaxformer.attention.KVCache` with leaves ``[L, batch, heads, max_len, head_dim]``.
 """
 
 import math
@@ -50,6 +50,8 @@ class CausalSelfAttention(nn.Module):
         if cache is not None:
             cache = cache.update(k, v, index, layer=layer_idx)
             k, v = (a.astype(q.dtype) for a in cache.layer(layer_idx))
+        else:
+            k, v = KVCache.from_heads(k, v)
         scale = cfg.head_dim**-0.5 if cfg.scale_attn_weights else 1.0
         if cfg.scale_attn_by_inverse_layer_idx:
             scale = scale / (jnp.asarray(layer_idx, jnp.float32) + 1)
@@ -109,7 +111,7 @@ class GPT2(nn.Module):
         tokens: int32[b, t]. positions: int32[b, t], default ``index + arange(t)``.
         key_valid: bool[b, kv_len] with kv_len = t without a cache, max_len with one; False marks
           padding (and cache slots not yet written). Default: all valid.
-        cache: KVCache with leaves [L, b, max_len, heads, head_dim]; this call writes at slot ``index``.
+        cache: KVCache with leaves [L, b, heads, max_len, head_dim]; this call writes at slot ``index``.
         last_only: return logits for the last position only ([b, 1, V]), as generation needs.
         Returns (float32[b, t or 1, V], cache or None).
         """
@@ -118,7 +120,7 @@ class GPT2(nn.Module):
         if positions is None:
             positions = jnp.broadcast_to(index + jnp.arange(t), (b, t))
         if key_valid is None:
-            key_valid = jnp.ones((b, t if cache is None else cache.k.shape[2]), bool)
+            key_valid = jnp.ones((b, t if cache is None else cache.max_len), bool)
         mask = causal_mask(key_valid, t, index)
 
         emb = lambda n, name: nn.Embed(  # noqa: E731
@@ -168,8 +170,8 @@ def stack_layers(params, n_layer: int):
 
 
 def init_cache(config: GPT2Config, batch: int, max_len: int, dtype=None) -> KVCache:
-    """Zeroed cache with leaves [n_layer, batch, max_len, heads, head_dim] in the compute dtype."""
-    shape = (config.n_layer, batch, max_len, config.n_head, config.head_dim)
+    """Zeroed cache with leaves [n_layer, batch, heads, max_len, head_dim] in the compute dtype."""
+    shape = (config.n_layer, batch, config.n_head, max_len, config.head_dim)
     dtype = dtype or config.compute_dtype
     return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
 

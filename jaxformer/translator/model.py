@@ -1,0 +1,206 @@
+"""Encoder-decoder Transformer in Flax Linen, using the shared attention kernel and KV cache.
+
+Params (tied embeddings; ``E``/``D`` = encoder/decoder layer)::
+
+    embed/embedding [V, d]   (untied: src_embed, tgt_embed [V, d] and out {kernel [d, V], bias [V]})
+    enc_i/{attn, ff, ln_1, ln_2}              dec_i/{self_attn, cross_attn, ff, ln_1, ln_2, ln_3}
+    attn/{query, key, value, out}/{kernel [d, d], bias [d]}    ff/{up [d, F], down [F, d]}
+    enc_ln, dec_ln/{scale, bias} [d]          (pre-LN only: the final layer norms)
+
+Decoding cache (a dict; every leaf has batch ``b`` first, so beam search can repeat and reorder it)::
+
+    self:  tuple of KVCache, one per decoder layer, [b, heads, max_len, head_dim], written at ``index``
+    cross: tuple of KVCache, one per decoder layer, [b, heads, S, head_dim], projected once
+    src_valid: bool[b, S]    index: int32[b], the slot the next token is written to (same in every row)
+"""
+
+import math
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from jaxformer.activations import activation
+from jaxformer.attention import KVCache, causal_mask, dot_product_attention, padding_mask
+from jaxformer.translator.config import TranslatorConfig
+from jaxformer.translator.tokenizer import PAD_ID
+
+
+def sinusoidal(positions, d: int):
+    """float32[..., d]: ``sin(p / 10000^(2i/d))`` at even and ``cos`` at odd features."""
+    inv_freq = 10000.0 ** (-jnp.arange(0, d, 2, dtype=jnp.float32) / d)
+    angle = positions[..., None].astype(jnp.float32) * inv_freq
+    return jnp.stack([jnp.sin(angle), jnp.cos(angle)], axis=-1).reshape(positions.shape + (d,))
+
+
+def _dense(features: int, name: str | None = None):
+    return nn.Dense(features, kernel_init=nn.initializers.xavier_uniform(), name=name)
+
+
+class Attention(nn.Module):
+    cfg: TranslatorConfig
+    deterministic: bool = True
+
+    def setup(self):
+        d = self.cfg.d_model
+        self.query, self.key, self.value, self.out = _dense(d), _dense(d), _dense(d), _dense(d)
+        self.dropout = nn.Dropout(self.cfg.dropout)
+
+    def _heads(self, x):  # [b, t, d] -> [b, t, h, d/h]
+        return x.reshape(x.shape[:2] + (self.cfg.n_heads, self.cfg.head_dim))
+
+    def kv(self, x) -> KVCache:
+        """Keys and values of ``x: [b, t, d]`` as a KVCache ``[b, h, t, d/h]``."""
+        return KVCache.from_heads(self._heads(self.key(x)), self._heads(self.value(x)))
+
+    def __call__(self, x, mask, kv: KVCache | None = None, cache: KVCache | None = None, index=0):
+        """x: [b, t, d] queries; kv: keys/values to attend to (default: projected from x);
+        cache: self-attention cache, x's keys are written at slot ``index`` and all slots attended.
+        mask: bool broadcastable to [b, h, t, kv_len]. Returns ([b, t, d], cache)."""
+        q = self._heads(self.query(x))
+        if cache is not None:
+            kv = cache = cache.update(self._heads(self.key(x)), self._heads(self.value(x)), index)
+        elif kv is None:
+            kv = self.kv(x)
+        drop = None
+        if not self.deterministic and self.cfg.dropout > 0:
+            drop = lambda p: self.dropout(p, deterministic=False)  # noqa: E731
+        y = dot_product_attention(q, kv.k, kv.v, mask, scale=self.cfg.head_dim**-0.5, dropout_fn=drop)
+        return self.out(y.reshape(x.shape)), cache
+
+
+class FeedForward(nn.Module):
+    cfg: TranslatorConfig
+
+    @nn.compact
+    def __call__(self, x):
+        h = activation(self.cfg.activation)(_dense(self.cfg.d_ff, "up")(x))
+        return _dense(self.cfg.d_model, "down")(h)
+
+
+class _Residual(nn.Module):
+    """Shared by both layer kinds: ``x + drop(f(ln(x)))`` (pre-LN) or ``ln(x + drop(f(x)))`` (post-LN)."""
+
+    cfg: TranslatorConfig
+    deterministic: bool = True
+
+    def residual(self, x, ln, f):
+        """Applies ``f: h -> (y, aux)`` as a residual branch; returns (x', aux)."""
+        if self.cfg.pre_ln:
+            y, aux = f(ln(x))
+            return x + self.drop(y, deterministic=self.deterministic), aux
+        y, aux = f(x)
+        return ln(x + self.drop(y, deterministic=self.deterministic)), aux
+
+
+class EncoderLayer(_Residual):
+    def setup(self):
+        self.attn = Attention(self.cfg, self.deterministic)
+        self.ff = FeedForward(self.cfg)
+        self.ln_1, self.ln_2 = (nn.LayerNorm(self.cfg.layer_norm_eps) for _ in range(2))
+        self.drop = nn.Dropout(self.cfg.dropout)
+
+    def __call__(self, x, mask):
+        x, _ = self.residual(x, self.ln_1, lambda h: self.attn(h, mask))
+        x, _ = self.residual(x, self.ln_2, lambda h: (self.ff(h), None))
+        return x
+
+
+class DecoderLayer(_Residual):
+    def setup(self):
+        self.self_attn = Attention(self.cfg, self.deterministic)
+        self.cross_attn = Attention(self.cfg, self.deterministic)
+        self.ff = FeedForward(self.cfg)
+        self.ln_1, self.ln_2, self.ln_3 = (nn.LayerNorm(self.cfg.layer_norm_eps) for _ in range(3))
+        self.drop = nn.Dropout(self.cfg.dropout)
+
+    def __call__(self, x, self_mask, enc_kv: KVCache, cross_mask, cache=None, index=0):
+        x, cache = self.residual(x, self.ln_1, lambda h: self.self_attn(h, self_mask, cache=cache, index=index))
+        x, _ = self.residual(x, self.ln_2, lambda h: self.cross_attn(h, cross_mask, kv=enc_kv))
+        x, _ = self.residual(x, self.ln_3, lambda h: (self.ff(h), None))
+        return x, cache
+
+
+class Translator(nn.Module):
+    """``__call__(src, tgt_in) -> logits`` for training; ``encode``/``init_cache``/``decode_step`` for decoding."""
+
+    cfg: TranslatorConfig
+    deterministic: bool = True
+
+    def setup(self):
+        cfg, det = self.cfg, self.deterministic
+        emb = lambda: nn.Embed(cfg.vocab_size, cfg.d_model,  # noqa: E731
+                               embedding_init=nn.initializers.normal(cfg.d_model**-0.5))
+        if cfg.tie_embeddings:
+            self.embed = emb()
+        else:
+            self.src_embed, self.tgt_embed = emb(), emb()
+            self.out = _dense(cfg.vocab_size)
+        self.enc = [EncoderLayer(cfg, det, name=f"enc_{i}") for i in range(cfg.enc_layers)]
+        self.dec = [DecoderLayer(cfg, det, name=f"dec_{i}") for i in range(cfg.dec_layers)]
+        if cfg.pre_ln:
+            self.enc_ln, self.dec_ln = nn.LayerNorm(cfg.layer_norm_eps), nn.LayerNorm(cfg.layer_norm_eps)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def _embed(self, tokens, positions, table):
+        x = table(tokens) * math.sqrt(self.cfg.d_model) + sinusoidal(positions, self.cfg.d_model)
+        return self.dropout(x, deterministic=self.deterministic)
+
+    def _logits(self, x):
+        x = self.dec_ln(x) if self.cfg.pre_ln else x
+        if self.cfg.tie_embeddings:
+            return self.embed.attend(x).astype(jnp.float32)
+        return self.out(x).astype(jnp.float32)
+
+    def encode(self, src):
+        """src: int32[b, S] (PAD_ID = padding). Returns (float32[b, S, d], src_valid bool[b, S])."""
+        valid = src != PAD_ID
+        x = self._embed(src, jnp.arange(src.shape[1]), self.embed if self.cfg.tie_embeddings else self.src_embed)
+        mask = padding_mask(valid)
+        for layer in self.enc:
+            x = layer(x, mask)
+        return (self.enc_ln(x) if self.cfg.pre_ln else x), valid
+
+    def decode(self, tgt_in, enc, src_valid):
+        """Teacher-forced decoder: tgt_in int32[b, T]. Returns float32[b, T, V] logits."""
+        table = self.embed if self.cfg.tie_embeddings else self.tgt_embed
+        x = self._embed(tgt_in, jnp.arange(tgt_in.shape[1]), table)
+        self_mask, cross_mask = causal_mask(tgt_in != PAD_ID, tgt_in.shape[1]), padding_mask(src_valid)
+        for layer in self.dec:
+            x, _ = layer(x, self_mask, layer.cross_attn.kv(enc), cross_mask)
+        return self._logits(x)
+
+    def __call__(self, src, tgt_in):
+        """src: int32[b, S]; tgt_in: int32[b, T] (BOS first). Returns float32[b, T, V] logits."""
+        return self.decode(tgt_in, *self.encode(src))
+
+    def init_cache(self, src, max_len: int) -> dict:
+        """Encodes src: int32[b, S] once and projects the cross-attention keys/values of every layer.
+        ``max_len`` (static) is the number of self-attention slots."""
+        enc, valid = self.encode(src)
+        b, c = src.shape[0], self.cfg
+        return dict(
+            self=tuple(KVCache.zeros(b, max_len, c.n_heads, c.head_dim) for _ in self.dec),
+            cross=tuple(layer.cross_attn.kv(enc) for layer in self.dec),
+            src_valid=valid, index=jnp.zeros((b,), jnp.int32),
+        )
+
+    def decode_step(self, tokens, cache: dict):
+        """Feeds tokens: int32[n] at slot ``cache['index']``. Returns (float32[n, V], cache)."""
+        index = cache["index"][0]
+        table = self.embed if self.cfg.tie_embeddings else self.tgt_embed
+        x = self._embed(tokens[:, None], index[None], table)
+        slots = cache["self"][0].max_len
+        self_mask = (jnp.arange(slots) <= index)[None, None, None, :]
+        cross_mask = padding_mask(cache["src_valid"])
+        new_self = []
+        for layer, self_cache, enc_kv in zip(self.dec, cache["self"], cache["cross"]):
+            x, self_cache = layer(x, self_mask, enc_kv, cross_mask, self_cache, index)
+            new_self.append(self_cache)
+        cache = dict(cache, self=tuple(new_self), index=cache["index"] + 1)
+        return self._logits(x)[:, 0], cache
+
+
+def init_params(cfg: TranslatorConfig, key):
+    """Random parameters as a plain pytree."""
+    tokens = jnp.ones((1, 8), jnp.int32)
+    return Translator(cfg).init(key, tokens, tokens)["params"]

@@ -1,0 +1,142 @@
+"""Benchmark the GPT-2 124M train step (sequence 1024) against PyTorch on the same machine, same run.
+
+    python scripts/bench_train.py --json bench_train.json                      # CPU: float32, batch 1
+    python scripts/bench_train.py --batch-size 16 --json bench_train.json      # GPU: bf16
+
+Both sides do the same update: forward, next-token cross-entropy, backward, global-norm clipping
+to 1.0, AdamW (betas 0.9/0.95, weight decay 0.1), dropout ``--dropout`` (GPT-2's 0.1 by default). jaxformer: the jitted, donating
+train step of ``jaxformer.gpt2.train`` (float32 master weights, ``--dtype`` compute). PyTorch:
+transformers' ``GPT2LMHeadModel`` with ``torch.optim.AdamW``; on a GPU its best effort is bf16
+autocast, SDPA attention and ``torch.compile``. Each side runs ``--warmup`` untimed steps
+(compilation) and then ``--steps`` timed ones. MFU uses ``flops_per_token`` and the device's peak
+(table for GPUs/TPUs, measured matmul for the CPU).
+"""
+
+import argparse
+import json
+import math
+import time
+
+import jax
+import numpy as np
+
+
+def bench_jax(batch: int, seq: int, dtype: str, dropout: float, scan: bool, warmup: int, steps: int) -> float:
+    """Tokens per second of the jaxformer train step on one device; ``scan``: layers as one
+    ``nn.scan`` (the trainer's default) or unrolled."""
+    from jaxformer import sharding as sh
+    from jaxformer.gpt2.config import preset
+    from jaxformer.gpt2.model import init_params
+    from jaxformer.gpt2.train import TrainConfig, make_optimizer, make_train_step
+    from jaxformer.training import TrainState
+
+    config = preset("gpt2", dtype=dtype, resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout,
+                    scan_layers=scan)
+    optimizer, _ = make_optimizer(TrainConfig(data=(), lr=3e-4, warmup=10, steps=1000))
+    mesh = sh.make_mesh("data=1", jax.devices()[:1])
+    create = lambda key: TrainState.create(init_params(config, key), optimizer, key)  # noqa: E731
+    state_sh = sh.state_shardings(mesh, jax.eval_shape(create, jax.random.PRNGKey(0)))
+    state = jax.jit(create, out_shardings=state_sh)(jax.random.PRNGKey(0))
+    batch_sh = sh.batch_sharding(mesh, batch_dim=1, ndim=3)
+    step = make_train_step(config, optimizer, state_sh, batch_sh)
+    rng = np.random.default_rng(0)
+    batches = [sh.put_batch(rng.integers(0, config.vocab_size, (1, batch, seq + 1), dtype=np.int32), batch_sh)
+               for _ in range(2)]
+    for i in range(warmup):
+        state, m = step(state, batches[i % 2])
+    jax.block_until_ready(m)
+    t = time.perf_counter()
+    for i in range(steps):
+        state, m = step(state, batches[i % 2])
+    jax.block_until_ready(m)
+    assert np.isfinite(float(m["loss"]))
+    return steps * batch * seq / (time.perf_counter() - t)
+
+
+def bench_torch(batch: int, seq: int, dropout: float, warmup: int, steps: int) -> tuple[float, str]:
+    """(tokens per second, setup) of transformers' GPT2LMHeadModel + torch AdamW."""
+    import torch
+    import transformers
+
+    gpu = torch.cuda.is_available()
+    device = "cuda" if gpu else "cpu"
+    config = transformers.GPT2Config(attn_implementation="sdpa", resid_pdrop=dropout, embd_pdrop=dropout,
+                                     attn_pdrop=dropout)
+    model = transformers.GPT2LMHeadModel(config).to(device).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1, fused=gpu)
+    fwd = torch.compile(model) if gpu else model
+    autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=gpu)
+    tokens = [torch.randint(0, config.vocab_size, (batch, seq), device=device) for _ in range(2)]
+
+    def step(x):
+        with autocast:
+            loss = fwd(input_ids=x, labels=x).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+
+    sync = torch.cuda.synchronize if gpu else (lambda: None)
+    for i in range(warmup):
+        step(tokens[i % 2])
+    sync()
+    t = time.perf_counter()
+    for i in range(steps):
+        loss = step(tokens[i % 2])
+    sync()
+    assert torch.isfinite(loss)
+    setup = "bf16 autocast + SDPA + torch.compile" if gpu else f"float32 eager SDPA, {torch.get_num_threads()} threads"
+    return steps * batch * seq / (time.perf_counter() - t), setup
+
+
+def main():
+    from jaxformer.gpt2.config import preset
+    from jaxformer.gpt2.train import flops_per_token, peak_flops
+
+    on_cpu = jax.devices()[0].platform == "cpu"
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--batch-size", type=int, default=1 if on_cpu else 16)
+    ap.add_argument("--seq-len", type=int, default=1024)
+    ap.add_argument("--dtype", default="float32" if on_cpu else "bfloat16", choices=["float32", "bfloat16"])
+    ap.add_argument("--dropout", type=float, default=0.1, help="GPT-2's 0.1 by default, on both sides")
+    ap.add_argument("--warmup", type=int, default=1 if on_cpu else 3)
+    ap.add_argument("--steps", type=int, default=3 if on_cpu else 20)
+    ap.add_argument("--layers", default="scan",
+                    help="jaxformer cases: scan (nn.scan, the trainer's default) and/or unrolled")
+    ap.add_argument("--no-torch", action="store_true", help="jaxformer only")
+    ap.add_argument("--json", metavar="PATH")
+    args = ap.parse_args()
+    if not set(args.layers.split(",")) <= {"scan", "unrolled"}:
+        ap.error(f"--layers {args.layers}: use scan, unrolled or both")
+
+    device = jax.devices()[0]
+    peak, peak_src = peak_flops(device, args.dtype)
+    fpt = flops_per_token(preset("gpt2"), args.seq_len)
+    torch_tok_s, torch_setup = (float("nan"), "skipped") if args.no_torch else \
+        bench_torch(args.batch_size, args.seq_len, args.dropout, args.warmup, args.steps)
+    print(f"device: {device.device_kind}; peak {peak:.3g} FLOP/s ({peak_src}); {fpt:.3g} FLOPs/token")
+    print(f"{'case':<84} {'jaxformer tok/s':>15} {'pytorch tok/s':>14} {'speedup':>8} {'MFU':>7}")
+    cases = []
+    for layers in args.layers.split(","):
+        jax_tok_s = bench_jax(args.batch_size, args.seq_len, args.dtype, args.dropout, layers == "scan",
+                              args.warmup, args.steps)
+        name = (f"gpt2-124m train step, batch {args.batch_size} x seq {args.seq_len}, {args.dtype}, "
+                f"dropout {args.dropout}, {layers} layers ({device.platform})")
+        num = lambda x, digits: None if math.isnan(x) else round(x, digits)  # noqa: E731  (JSON has no NaN)
+        case = dict(name=name, jaxformer_tok_s=num(jax_tok_s, 1), pytorch_tok_s=num(torch_tok_s, 1),
+                    speedup=num(jax_tok_s / torch_tok_s, 3), mfu=num(jax_tok_s * fpt / peak, 4),
+                    pytorch_mfu=num(torch_tok_s * fpt / peak, 4), pytorch_setup=torch_setup,
+                    flops_per_token=fpt, peak_flops=peak, peak_source=peak_src, steps=args.steps)
+        cases.append(case)
+        print(f"{name:<84} {jax_tok_s:>15.1f} {torch_tok_s:>14.1f} {jax_tok_s / torch_tok_s:>8.2f} "
+              f"{jax_tok_s * fpt / peak:>7.2%}")
+    print(f"pytorch: {torch_setup}")
+    result = dict(device=device.device_kind, cases=cases)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

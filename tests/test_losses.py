@@ -1,0 +1,43 @@
+import numpy as np
+import pytest
+import torch
+
+from jaxformer.losses import cross_entropy
+from jaxformer.schedules import noam, warmup_cosine
+
+
+@pytest.mark.parametrize("eps", [0.0, 0.1])
+def test_cross_entropy_matches_torch_and_float64(eps):
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(3, 5, 11)).astype(np.float32) * 3
+    targets = rng.integers(0, 11, (3, 5))
+    mask = rng.random((3, 5)) < 0.7
+    loss, nll, n = cross_entropy(logits, targets, mask, eps)
+
+    ref = torch.nn.functional.cross_entropy(
+        torch.tensor(logits).reshape(-1, 11), torch.tensor(np.where(mask, targets, -100)).reshape(-1),
+        ignore_index=-100, label_smoothing=eps, reduction="sum")
+    np.testing.assert_allclose(float(loss), ref.item(), rtol=1e-5)
+    assert float(n) == mask.sum()
+
+    x = logits.astype(np.float64)
+    logp = x - x.max(-1, keepdims=True)
+    logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
+    q = (1 - eps) * np.eye(11)[targets] + eps / 11
+    np.testing.assert_allclose(float(loss), (-(q * logp).sum(-1) * mask).sum(), rtol=1e-5)
+    np.testing.assert_allclose(float(nll), (-np.take_along_axis(logp, targets[..., None], -1)[..., 0] * mask).sum(),
+                               rtol=1e-5)
+
+
+def test_noam_formula():
+    s = noam(256, 2000, factor=2.0)
+    for step in (0, 10, 1999, 2000, 50_000):
+        n = step + 1
+        np.testing.assert_allclose(float(s(step)), 2.0 * 256**-0.5 * min(n**-0.5, n * 2000**-1.5), rtol=1e-6)
+    assert float(s(1998)) < float(s(1999)) > float(s(2500))  # peak at the end of warm-up
+
+
+def test_warmup_cosine_endpoints():
+    s = warmup_cosine(1e-3, 10, 110, end_ratio=0.1)
+    assert float(s(0)) == 0.0
+    np.testing.assert_allclose([float(s(10)), float(s(110)), float(s(500))], [1e-3, 1e-4, 1e-4], rtol=1e-5)
