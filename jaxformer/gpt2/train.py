@@ -31,6 +31,7 @@ from jaxformer.gpt2.config import GPT2Config, preset
 from jaxformer.gpt2.generate import generate
 from jaxformer.gpt2.model import GPT2, init_params
 from jaxformer.losses import cross_entropy
+from jaxformer.plotting import plot_curves
 from jaxformer.resumable import StepCheckpoints, StopRequested, any_process
 from jaxformer.schedules import warmup_cosine
 from jaxformer.tokenizer import GPT2Tokenizer
@@ -422,20 +423,6 @@ def train(cfg: TrainConfig, out: str | Path, *, mesh: str | None = None, resume:
 
 
 def plot(records: list[dict], path: Path) -> None:
-    """PNG of the training and validation loss against the step (written atomically)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    train = [r for r in records if "loss" in r]
-    evals = [r for r in records if "val_loss" in r]
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot([r["step"] for r in train], [r["loss"] for r in train], label="train")
-    ax.plot([r["step"] for r in evals], [r["val_loss"] for r in evals], "o-", label="validation")
-    ax.set(xlabel="step", ylabel="cross-entropy per token", title="GPT-2 training loss")
-    ax.legend()
-    fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    tmp.replace(path)
+    """PNG of the training and validation loss against the step."""
+    plot_curves(path, [dict(title="GPT-2 training loss", ylabel="cross-entropy per token",
+                            series=[("train", "loss", "-"), ("validation", "val_loss", "o-")])], records)

@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from jaxformer.checkpoint import TrainCheckpoints
 from jaxformer.losses import cross_entropy
+from jaxformer.plotting import plot_curves
 from jaxformer.schedules import noam, warmup_cosine
 from jaxformer.training import TrainState, make_optimizer, make_train_step
 from jaxformer.translator import data as tdata
@@ -198,23 +199,10 @@ class Run:
 
 def plot(records: list[dict], path: Path) -> None:
     """PNG with the training/validation loss and the validation BLEU against the step."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    train = [r for r in records if "lr" in r]
-    evals = [r for r in records if "bleu" in r]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
-    ax1.plot([r["step"] for r in train], [r["loss"] for r in train], label="train (label-smoothed)")
-    ax1.plot([r["step"] for r in evals], [r["val_loss"] for r in evals], "o-", label="validation")
-    ax1.set(xlabel="step", ylabel="loss per target token", title="loss")
-    ax1.legend()
-    ax2.plot([r["step"] for r in evals], [r["bleu"] for r in evals], "o-", label="BLEU")
-    ax2.plot([r["step"] for r in evals], [r["chrf"] for r in evals], "s--", label="chrF")
-    ax2.set(xlabel="step", title="validation (greedy)")
-    ax2.legend()
-    fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
-    tmp.replace(path)
+    # Evaluation lines repeat the last training loss; only training lines (they carry lr) plot it.
+    rows = [r if "lr" in r else {k: v for k, v in r.items() if k != "loss"} for r in records]
+    plot_curves(path, [
+        dict(title="loss", ylabel="loss per target token",
+             series=[("train (label-smoothed)", "loss", "-"), ("validation", "val_loss", "o-")]),
+        dict(title="validation (greedy)", series=[("BLEU", "bleu", "o-"), ("chrF", "chrf", "s--")]),
+    ], rows)
