@@ -7,6 +7,7 @@ newer one is committed. A SIGKILL in the middle of a write therefore leaves the 
 intact (the half-written temporary directory is ignored and cleaned up by the next run).
 """
 
+import shutil
 import signal
 from pathlib import Path
 
@@ -19,7 +20,12 @@ class StepCheckpoints:
 
     def __init__(self, directory: str | Path, keep: int = 2):
         self.dir = Path(directory).absolute()
-        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, cleanup_tmp_directories=True,
+        # Torn writes (a killed save) are removed here, synchronously and tolerant of a concurrent
+        # removal; Orbax's own cleanup runs in a background thread that can race another manager.
+        if jax.process_index() == 0 and self.dir.is_dir():
+            for tmp in self.dir.glob("*.orbax-checkpoint-tmp*"):
+                shutil.rmtree(tmp, ignore_errors=True)
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, cleanup_tmp_directories=False,
                                                enable_async_checkpointing=False)
         self.manager = ocp.CheckpointManager(self.dir, options=options)
 
