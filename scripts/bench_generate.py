@@ -137,7 +137,6 @@ def main(argv=None):
                 case.update(hf_tok_s=b * args.new_tokens / hf_s, hf_s=hf_s, speedup=hf_s / jf_s)
             cases.append(case)
             print(json.dumps(case))
-        del params
 
     print(f"\n{'batch':>5} {'dtype':>9} {'jaxformer tok/s':>16} {'HF tok/s':>9} {'speedup':>8} "
           f"{'compile s':>10} {'roofline':>9}")
