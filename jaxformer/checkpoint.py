@@ -1,4 +1,5 @@
-"""Orbax checkpoints shared by both models: parameter trees saved atomically and restored.
+"""Orbax checkpoints shared by both models: parameter trees saved atomically, and a training
+run's train states and best parameters (:class:`Checkpoints`).
 
 A tree is written into ``DIR.new`` (Orbax itself writes into a temporary directory and renames it
 when complete) and only then swapped with ``DIR``, so a process killed at any moment leaves a
@@ -54,50 +55,67 @@ def restore_pytree(path: str | Path, like=None):
         return ckptr.restore(path, abstract)
 
 
-class TrainCheckpoints:
-    """A training run's checkpoints in one directory, reusable by any trainer::
+class Checkpoints:
+    """A training run's checkpoints, shared by both trainers::
 
-        latest/           the whole train state (params, optimizer state, step, PRNG key), for --resume
-        best/             the params with the best evaluation metric so far
-        checkpoints.json  {"latest_step", "best_step", "best": metric value, "metric": name}
+        DIR/checkpoints/<step>/   whole train states (params, optimizer state, step, PRNG key), the
+                                  last ``keep``, for --resume
+        DIR/best/  DIR/best.json  the params that scored best on an evaluation metric (optional)
 
-    Each directory is replaced atomically (see :func:`save_pytree`) and the JSON file by rename.
+    Train states go through Orbax's ``CheckpointManager``: each is written into a temporary
+    directory and renamed when complete, and older ones are deleted only after a newer one is
+    committed, so a SIGKILL mid-write leaves the previous checkpoint intact (the torn temporary
+    directory is removed by the next run). ``best/`` is replaced by :func:`save_pytree`, the JSON by
+    rename. All processes call every method together.
     """
 
-    def __init__(self, directory: str | Path, metric: str = "bleu", higher_is_better: bool = True):
+    def __init__(self, directory: str | Path, keep: int = 2):
         self.dir = Path(directory).absolute()
-        self.meta_path = self.dir / "checkpoints.json"
-        self.meta = json.loads(self.meta_path.read_text()) if self.meta_path.is_file() else \
-            dict(latest_step=None, best_step=None, best=None, metric=metric)
-        self.sign = 1.0 if higher_is_better else -1.0
+        self.states = self.dir / "checkpoints"
+        # Torn writes are removed here, synchronously and tolerant of a concurrent removal; Orbax's
+        # own cleanup runs in a background thread that can race another manager.
+        if jax.process_index() == 0 and self.states.is_dir():
+            for tmp in self.states.glob("*.orbax-checkpoint-tmp*"):
+                shutil.rmtree(tmp, ignore_errors=True)
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, cleanup_tmp_directories=False,
+                                               enable_async_checkpointing=False)
+        self.manager = ocp.CheckpointManager(self.states, options=options)
+        self.best_path = self.dir / "best.json"
 
-    def _write_meta(self) -> None:
-        self.dir.mkdir(parents=True, exist_ok=True)
-        tmp = self.meta_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.meta) + "\n")
-        os.replace(tmp, self.meta_path)
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(self, step: int, state) -> None:
+        """Writes ``state`` (a pytree of jax Arrays, possibly sharded across processes) as ``step``."""
+        self.manager.save(int(step), args=ocp.args.StandardSave(state), force=True)
+        self.manager.wait_until_finished()
+
+    def restore(self, like=None, step: int | None = None):
+        """The state at ``step`` (default: latest) shaped and placed like ``like``: a tree of
+        ``jax.ShapeDtypeStruct`` with shardings (any mesh: Orbax reshards on read). Without
+        ``like``, the tree as saved (a NamedTuple comes back as a dict)."""
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint in {self.states}")
+        return self.manager.restore(step, args=ocp.args.StandardRestore(like))
 
     @property
-    def has_latest(self) -> bool:
-        return self.meta["latest_step"] is not None and (self.dir / "latest").is_dir()
+    def best(self) -> dict | None:
+        """``{"metric", "value", "step"}`` of the saved best params, or None."""
+        return json.loads(self.best_path.read_text()) if self.best_path.is_file() else None
 
-    def save_latest(self, state, step: int) -> None:
-        save_pytree(self.dir / "latest", state)
-        self.meta["latest_step"] = int(step)
-        self._write_meta()
-
-    def restore_latest(self, like):
-        """The latest train state, with the structure of ``like`` (e.g. a freshly created state)."""
-        return restore_pytree(self.dir / "latest", like)
-
-    def is_better(self, value: float) -> bool:
-        return self.meta["best"] is None or self.sign * value > self.sign * self.meta["best"]
-
-    def save_best(self, params, value: float, step: int) -> bool:
-        """Saves ``params`` as best if ``value`` beats the best so far; returns whether it did."""
-        if not self.is_better(value):
+    def save_best(self, params, metric: str, value: float, step: int, higher_is_better: bool = True) -> bool:
+        """Saves ``params`` to ``best/`` if ``value`` beats the best so far; returns whether it did."""
+        best = self.best
+        sign = 1.0 if higher_is_better else -1.0
+        if best is not None and not sign * value > sign * best["value"]:
             return False
         save_pytree(self.dir / "best", params)
-        self.meta.update(best=float(value), best_step=int(step))
-        self._write_meta()
+        if jax.process_index() == 0:
+            tmp = self.best_path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(dict(metric=metric, value=float(value), step=int(step))) + "\n")
+            os.replace(tmp, self.best_path)
         return True
+
+    def close(self) -> None:
+        self.manager.close()

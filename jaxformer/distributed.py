@@ -84,3 +84,16 @@ def add_arguments(parser) -> None:
     g.add_argument("--coordinator", help="HOST:PORT of process 0's coordinator (explicit start)")
     g.add_argument("--num-processes", type=int)
     g.add_argument("--process-id", type=int)
+
+
+def print0(*args) -> None:
+    """``print`` to stderr on process 0 only."""
+    if jax.process_index() == 0:
+        print(*args, file=sys.stderr, flush=True)
+
+
+def barrier(name: str) -> None:
+    """Waits until every process reaches the barrier ``name`` (nothing to do with one process)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices(name)

@@ -1,52 +1,10 @@
-"""What makes a training run survive being killed: step-numbered atomic checkpoints and a
-SIGTERM/SIGINT guard that lets the current step finish.
-
-Checkpoints go to ``DIR/<step>/`` through Orbax's ``CheckpointManager``: each is written into a
-temporary directory and renamed into place when complete, and older ones are deleted only after a
-newer one is committed. A SIGKILL in the middle of a write therefore leaves the previous checkpoint
-intact (the half-written temporary directory is ignored and cleaned up by the next run).
+"""What lets a run stop cleanly: a SIGTERM/SIGINT guard that lets the current step finish, and the
+flag exchange that makes all processes stop at the same step (checkpoints: :mod:`jaxformer.checkpoint`).
 """
 
-import shutil
 import signal
-from pathlib import Path
 
 import jax
-import orbax.checkpoint as ocp
-
-
-class StepCheckpoints:
-    """Train states saved by step in ``directory``; all processes call every method together."""
-
-    def __init__(self, directory: str | Path, keep: int = 2):
-        self.dir = Path(directory).absolute()
-        # Torn writes (a killed save) are removed here, synchronously and tolerant of a concurrent
-        # removal; Orbax's own cleanup runs in a background thread that can race another manager.
-        if jax.process_index() == 0 and self.dir.is_dir():
-            for tmp in self.dir.glob("*.orbax-checkpoint-tmp*"):
-                shutil.rmtree(tmp, ignore_errors=True)
-        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, cleanup_tmp_directories=False,
-                                               enable_async_checkpointing=False)
-        self.manager = ocp.CheckpointManager(self.dir, options=options)
-
-    def latest_step(self) -> int | None:
-        return self.manager.latest_step()
-
-    def save(self, step: int, state) -> None:
-        """Writes ``state`` (a pytree of jax Arrays, possibly sharded across processes) as ``step``."""
-        self.manager.save(int(step), args=ocp.args.StandardSave(state), force=True)
-        self.manager.wait_until_finished()
-
-    def restore(self, like, step: int | None = None):
-        """The state at ``step`` (default: latest) shaped and placed like ``like``: a tree of
-        ``jax.ShapeDtypeStruct`` with shardings (any mesh: Orbax reshards on read)."""
-        step = self.latest_step() if step is None else step
-        if step is None:
-            raise FileNotFoundError(f"no checkpoint in {self.dir}")
-        return self.manager.restore(step, args=ocp.args.StandardRestore(like))
-
-    def close(self) -> None:
-        self.manager.close()
 
 
 class StopRequested:

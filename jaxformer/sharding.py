@@ -135,3 +135,11 @@ def put_batch(global_batch: np.ndarray, sharding: NamedSharding, batch_dim: int 
     index[batch_dim] = rows
     return jax.make_array_from_process_local_data(sharding, np.ascontiguousarray(global_batch[tuple(index)]),
                                                   tuple(shape))
+
+
+def host_params(tree):
+    """Full values of a (possibly sharded) tree on this host, gathered across processes if needed."""
+    if jax.process_count() == 1:
+        return jax.device_get(tree)
+    from jax.experimental import multihost_utils
+    return multihost_utils.process_allgather(tree, tiled=True)

@@ -1,10 +1,21 @@
-"""Model-agnostic training pieces: the train state, the optimizer, and a jitted, donating train step."""
+"""The training core both trainers share: train state, optimizer, jitted (sharded) train and eval
+steps, state placement on a mesh, and the stop on a non-finite loss.
 
+A model plugs in through one function, ``loss_fn(params, batch, key) -> (loss summed over tokens,
+(number of tokens, dict of other sums))`` (``key`` is None for evaluation); the steps divide by the
+token count, so a batch's gradient is that of its per-token mean however it is split.
+"""
+
+import math
 from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
+
+from jaxformer import sharding as sh
+
+LossFn = Callable[[Any, Any, jax.Array | None], tuple[jax.Array, tuple[jax.Array, dict]]]
 
 
 class TrainState(NamedTuple):
@@ -23,45 +34,114 @@ class TrainState(NamedTuple):
         return cls(jnp.int32(0), params, optimizer.init(params), key)
 
 
-def make_optimizer(name: str, schedule, *, weight_decay: float = 0.0, clip_norm: float = 0.0,
+def decay_mask(params):
+    """True where weight decay applies: Dense kernels and an untied ``lm_head``; not biases,
+    LayerNorm scales/biases or embeddings. Names decide, since stacked layers make biases 2-D."""
+    return jax.tree_util.tree_map_with_path(lambda path, _: path[-1].key in ("kernel", "lm_head"), params)
+
+
+def make_optimizer(schedule, *, name: str = "adamw", weight_decay: float = 0.0, clip_norm: float = 0.0,
                    b1: float = 0.9, b2: float = 0.98, eps: float = 1e-9) -> optax.GradientTransformation:
-    """``"adam"`` or ``"adamw"`` (decoupled decay on matrices only: not biases or layer norms),
-    optionally after clipping the global gradient norm. Betas/eps default to the Transformer paper's."""
+    """``"adam"`` or ``"adamw"`` (decoupled decay on :func:`decay_mask`'s params), after clipping the
+    global gradient norm when ``clip_norm > 0``. Betas/eps default to the Transformer paper's."""
     if name == "adam":
         opt = optax.adam(schedule, b1, b2, eps)
     elif name == "adamw":
-        opt = optax.adamw(schedule, b1, b2, eps, weight_decay=weight_decay,
-                          mask=lambda p: jax.tree.map(lambda x: x.ndim >= 2, p))
+        opt = optax.adamw(schedule, b1, b2, eps, weight_decay=weight_decay, mask=decay_mask)
     else:
         raise ValueError(f"unknown optimizer {name!r}; use 'adam' or 'adamw'")
     return optax.chain(optax.clip_by_global_norm(clip_norm), opt) if clip_norm > 0 else opt
 
 
-LossFn = Callable[[Any, Any, jax.Array], tuple[jax.Array, tuple[jax.Array, dict]]]
+def init_state(create: Callable, key, mesh, params=None, checkpoints=None) -> tuple[TrainState, Any]:
+    """(state, its shardings) on ``mesh``, by :func:`sharding.state_shardings` (parameters and
+    optimizer state split over ``fsdp``): restored from the latest of ``checkpoints``
+    (:class:`jaxformer.checkpoint.Checkpoints`) when there is one, else ``create(key[, params]) ->
+    TrainState`` run under ``jax.jit`` so that every array is born sharded. ``params``: host arrays
+    to start from (a fine-tuning run)."""
+    abstract = jax.eval_shape(create, key)
+    shardings = sh.state_shardings(mesh, abstract)
+    if checkpoints is not None and checkpoints.latest_step() is not None:
+        return checkpoints.restore(sh.with_shardings(abstract, shardings)), shardings
+    if params is None:
+        return jax.jit(create, out_shardings=shardings)(key), shardings
+    return jax.jit(create, out_shardings=shardings)(key, sh.put_global(params, shardings.params)), shardings
 
 
-def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation):
+def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *, grad_accum: int = 1,
+                    state_shardings=None, batch_sharding=None):
     """A jitted ``train_step(state, batch) -> (state, metrics)``.
 
-    loss_fn(params, batch, key) -> (loss summed over tokens, (number of tokens, dict of summed
-    metrics)); the gradient is that of the per-token mean. ``state`` is donated (argument 0), so its
-    buffers are reused for the new state: do not use the old state after the call. Nothing is static;
-    it compiles once per distinct batch shape.
-    metrics: ``loss`` (per token), ``tokens``, ``grad_norm``, and loss_fn's sums divided by tokens.
+    batch: a pytree of arrays; with ``grad_accum > 1`` each leaf has a leading axis of that many
+    micro-batches, run one after another by a ``lax.scan`` (memory of one micro-batch). The update
+    uses the gradient of the loss summed over all micro-batches divided by their total token count.
+    Dropout uses ``fold_in(state.key, step)``, and ``fold_in(that, i)`` for micro-batch ``i``.
+    Shardings (optional): NamedShardings of the state (a tree) and of the batch (one for every leaf);
+    with them the step is jitted with these in/out shardings, gradients are constrained to the
+    parameters' shardings and the metrics come back replicated.
+    ``state`` is donated (argument 0): do not use it after the call. ``grad_accum`` is static (fixed
+    here); nothing else is, so the step compiles once per distinct batch shape.
+    metrics: ``loss`` (per token), ``tokens``, ``grad_norm`` (before clipping), and loss_fn's other
+    sums divided by the tokens.
     """
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    param_shardings = None if state_shardings is None else state_shardings.params
+
+    def constrain(grads):
+        return grads if param_shardings is None else jax.lax.with_sharding_constraint(grads, param_shardings)
+
     def train_step(state: TrainState, batch):
         key = jax.random.fold_in(state.key, state.step)
+        if grad_accum == 1:
+            (total, (n, aux)), grads = grad_fn(state.params, batch, key)
+            grads = constrain(grads)
+        else:
+            def micro(carry, xs):
+                i, micro_batch = xs
+                (total, (n, aux)), grads = grad_fn(state.params, micro_batch, jax.random.fold_in(key, i))
+                return jax.tree.map(jnp.add, carry, (total, n, aux, constrain(grads))), None
 
-        def mean_loss(params):
-            total, (n, aux) = loss_fn(params, batch, key)
-            n = jnp.maximum(n, 1.0)
-            return total / n, (n, aux)
-
-        (loss, (n, aux)), grads = jax.value_and_grad(mean_loss, has_aux=True)(state.params)
+            first = jax.tree.map(lambda x: x[0], batch)
+            (total, (n, aux)), grads = jax.eval_shape(grad_fn, state.params, first, key)
+            zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (total, n, aux, grads))
+            (total, n, aux, grads), _ = jax.lax.scan(micro, zeros, (jnp.arange(grad_accum), batch))
+        n = jnp.maximum(n, 1.0)
+        grads = jax.tree.map(lambda g: g / n.astype(g.dtype), grads)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics = dict(loss=loss, tokens=n, grad_norm=optax.global_norm(grads),
+        metrics = dict(loss=total / n, tokens=n, grad_norm=optax.tree.norm(grads),
                        **{k: v / n for k, v in aux.items()})
         return TrainState(state.step + 1, params, opt_state, state.key), metrics
 
-    return jax.jit(train_step, donate_argnums=0)
+    if state_shardings is None:
+        return jax.jit(train_step, donate_argnums=0)
+    return jax.jit(train_step, in_shardings=(state_shardings, batch_sharding),
+                   out_shardings=(state_shardings, sh.replicated(batch_sharding.mesh)), donate_argnums=0)
+
+
+def make_eval_step(loss_fn: LossFn, param_shardings=None, batch_sharding=None):
+    """Jitted ``eval_step(params, batch) -> (loss sum, tokens, dict of other sums)`` with
+    ``key=None`` (no dropout); shardings as in :func:`make_train_step`. Nothing is static."""
+    def eval_step(params, batch):
+        total, (n, aux) = loss_fn(params, batch, None)
+        return total, n, aux
+
+    if param_shardings is None:
+        return jax.jit(eval_step)
+    return jax.jit(eval_step, in_shardings=(param_shardings, batch_sharding),
+                   out_shardings=sh.replicated(batch_sharding.mesh))
+
+
+class NonFiniteLoss(RuntimeError):
+    """The loss became NaN or Inf; ``step`` is the update that produced it."""
+
+    def __init__(self, step: int, loss: float, checkpoint: str):
+        super().__init__(f"loss is {loss} at step {step}: stopping. {checkpoint}")
+        self.step = step
+
+
+def check_finite(steps_and_losses, checkpoint_note: Callable[[], str]) -> None:
+    """Raises :class:`NonFiniteLoss` at the first ``(step, loss)`` whose loss is NaN or Inf."""
+    for step, loss in steps_and_losses:
+        if not math.isfinite(float(loss)):
+            raise NonFiniteLoss(step, float(loss), checkpoint_note())

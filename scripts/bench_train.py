@@ -27,20 +27,19 @@ def bench_jax(batch: int, seq: int, dtype: str, dropout: float, scan: bool, warm
     from jaxformer import sharding as sh
     from jaxformer.gpt2.config import preset
     from jaxformer.gpt2.model import init_params
-    from jaxformer.gpt2.train import TrainConfig, make_optimizer, make_train_step
-    from jaxformer.training import TrainState
+    from jaxformer.gpt2.train import TrainConfig, make_loss_fn, make_optimizer
+    from jaxformer.training import TrainState, init_state, make_train_step
 
     config = preset("gpt2", dtype=dtype, resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout,
                     scan_layers=scan)
     optimizer, _ = make_optimizer(TrainConfig(data=(), lr=3e-4, warmup=10, steps=1000))
     mesh = sh.make_mesh("data=1", jax.devices()[:1])
     create = lambda key: TrainState.create(init_params(config, key), optimizer, key)  # noqa: E731
-    state_sh = sh.state_shardings(mesh, jax.eval_shape(create, jax.random.PRNGKey(0)))
-    state = jax.jit(create, out_shardings=state_sh)(jax.random.PRNGKey(0))
-    batch_sh = sh.batch_sharding(mesh, batch_dim=1, ndim=3)
-    step = make_train_step(config, optimizer, state_sh, batch_sh)
+    state, state_sh = init_state(create, jax.random.PRNGKey(0), mesh)
+    batch_sh = sh.batch_sharding(mesh, batch_dim=0, ndim=2)
+    step = make_train_step(make_loss_fn(config), optimizer, state_shardings=state_sh, batch_sharding=batch_sh)
     rng = np.random.default_rng(0)
-    batches = [sh.put_batch(rng.integers(0, config.vocab_size, (1, batch, seq + 1), dtype=np.int32), batch_sh)
+    batches = [sh.put_batch(rng.integers(0, config.vocab_size, (batch, seq + 1), dtype=np.int32), batch_sh)
                for _ in range(2)]
     for i in range(warmup):
         state, m = step(state, batches[i % 2])

@@ -51,7 +51,7 @@ def bench_train(cfg, params, batches, repeats):
     """Target (non-PAD) tokens per second over ``batches`` for JAX and PyTorch."""
     tokens = sum(int((b.tgt_out != tk.PAD_ID).sum()) for b in batches)
     schedule = noam(cfg.d_model, cfg.warmup_steps, cfg.lr)
-    opt = make_optimizer("adamw", schedule, weight_decay=cfg.weight_decay)
+    opt = make_optimizer(schedule, name="adamw", weight_decay=cfg.weight_decay)
     step = make_train_step(make_loss_fn(cfg), opt)
     dicts = [dict(src=b.src, tgt_in=b.tgt_in, tgt_out=b.tgt_out) for b in batches]
     box = [TrainState.create(params, opt, jax.random.PRNGKey(0))]

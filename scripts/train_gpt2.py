@@ -78,7 +78,8 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args, cfg = parse_args(argv)
     distributed.initialize(args.coordinator, args.num_processes, args.process_id)
-    from jaxformer.gpt2.train import NonFiniteLoss, train
+    from jaxformer.gpt2.train import train
+    from jaxformer.training import NonFiniteLoss
 
     try:
         train(cfg, args.out, mesh=args.mesh, resume=args.resume, metrics_path=args.metrics,

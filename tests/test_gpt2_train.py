@@ -19,15 +19,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 import pytest
 from hypothesis import given, settings, strategies as st
 
 from jaxformer.gpt2 import data as gdata
 from jaxformer.gpt2.config import GPT2Config, preset
 from jaxformer.gpt2.model import GPT2, init_params
-from jaxformer.gpt2.train import TrainConfig, decay_mask, flops_per_token, make_optimizer, window_loss
-from jaxformer.resumable import StepCheckpoints
+from jaxformer.checkpoint import Checkpoints
+from jaxformer.gpt2.train import TrainConfig, flops_per_token, make_loss_fn, make_optimizer
+from jaxformer.training import decay_mask
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = str(REPO / "scripts" / "train_gpt2.py")
@@ -63,9 +63,9 @@ def losses(path: Path) -> dict[int, float]:
 
 
 def restore_state(out: Path, step: int | None = None):
-    ckpt = StepCheckpoints(out / "checkpoints")
+    ckpt = Checkpoints(out)
     try:
-        return ckpt.manager.restore(step or ckpt.latest_step(), args=ocp.args.StandardRestore())
+        return ckpt.restore(step=step)
     finally:
         ckpt.close()
 
@@ -135,7 +135,8 @@ def test_window_loss_matches_numpy_cross_entropy():
     cfg = preset("tiny", vocab_size=50, n_positions=16)
     params = init_params(cfg.replace(initializer_range=0.5), jax.random.key(1))
     windows = np.random.default_rng(0).integers(0, 50, (3, 9)).astype(np.int32)
-    loss, n = window_loss(GPT2(cfg), params, jnp.asarray(windows))
+    total, (n, _) = make_loss_fn(cfg, deterministic=True)(params, jnp.asarray(windows), None)
+    loss = total / n
     logits = np.asarray(GPT2(cfg).apply({"params": params}, windows[:, :-1])[0], np.float64)
     logp = logits - logits.max(-1, keepdims=True)
     logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
@@ -148,7 +149,7 @@ def test_bf16_compute_keeps_float32_master_weights_and_loss():
     cfg = preset("tiny", vocab_size=50, n_positions=16, dtype="bfloat16")
     params = init_params(cfg, jax.random.key(0))
     assert {x.dtype for x in jax.tree.leaves(params)} == {jnp.dtype(jnp.float32)}
-    loss, _ = window_loss(GPT2(cfg), params, jnp.zeros((2, 9), jnp.int32))
+    loss, _ = make_loss_fn(cfg, deterministic=True)(params, jnp.zeros((2, 9), jnp.int32), None)
     assert loss.dtype == jnp.float32
 
 
@@ -166,21 +167,23 @@ def test_flops_per_token_counts_matmul_weights():
 
 
 def test_grad_accumulation_equals_one_big_batch():
-    """Without dropout, 2 micro-batches of 4 give the update of one batch of 8."""
+    """Without dropout, 2 micro-batches of 4 give the update of one batch of 8 (the shared step)."""
     from jaxformer import sharding as sh
-    from jaxformer.gpt2.train import make_train_step
-    from jaxformer.training import TrainState
+    from jaxformer.training import TrainState, make_train_step
 
     cfg = preset("tiny", vocab_size=64, n_positions=16, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
     opt = optax.sgd(1.0)  # the update is the gradient itself (Adam would amplify rounding in ~0 gradients)
     mesh = sh.make_mesh("data=1", jax.devices()[:1])
     state = TrainState.create(init_params(cfg, jax.random.key(0)), opt, jax.random.PRNGKey(0))
     state_sh = sh.state_shardings(mesh, state)
-    step = make_train_step(cfg, opt, state_sh, sh.batch_sharding(mesh, 1, 3))
+    steps = {accum: make_train_step(make_loss_fn(cfg), opt, grad_accum=accum, state_shardings=state_sh,
+                                    batch_sharding=sh.batch_sharding(mesh, int(accum > 1), 2 + (accum > 1)))
+             for accum in (1, 2)}
     windows = np.random.default_rng(0).integers(0, 64, (8, 9)).astype(np.int32)
     copy = lambda: jax.tree.map(jnp.array, state)  # noqa: E731  (the step donates its input)
-    big, m_big = step(copy(), windows[None])
-    acc, m_acc = step(copy(), windows.reshape(2, 4, 9))
+    big, m_big = steps[1](copy(), windows)
+    acc, m_acc = steps[2](copy(), windows.reshape(2, 4, 9))
+    assert float(m_acc["tokens"]) == float(m_big["tokens"]) == 64
     np.testing.assert_allclose(m_acc["loss"], m_big["loss"], rtol=1e-6)
     np.testing.assert_allclose(m_acc["grad_norm"], m_big["grad_norm"], rtol=1e-5)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), acc.params, big.params)
@@ -266,7 +269,7 @@ def test_kill9_during_checkpoint_write_then_resume_is_bitwise(corpus, reference,
     proc = subprocess.run([sys.executable, "-c", child], env=subprocess_env(), capture_output=True, text=True)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     assert any(".orbax-checkpoint-tmp" in p.name for p in (out / "checkpoints").iterdir())  # the torn write
-    assert StepCheckpoints(out / "checkpoints").latest_step() == 20
+    assert Checkpoints(out).latest_step() == 20
 
     assert main(["--out", str(out), "--resume", "--no-progress"]) == 0
     ref_out, ref, ref_params = reference
@@ -288,7 +291,7 @@ def test_sigterm_checkpoints_and_exits_zero(corpus, tmp_path):
     assert proc.returncode == 0, err
     assert "SIGTERM: stopped after step" in err and "--resume" in err
     step = int(err.split("stopped after step ")[1].split()[0])
-    assert StepCheckpoints(out / "checkpoints").latest_step() == step >= 3
+    assert Checkpoints(out).latest_step() == step >= 3
 
 
 def test_nan_loss_stops_naming_the_step(corpus, tmp_path, capsys):
@@ -297,7 +300,7 @@ def test_nan_loss_stops_naming_the_step(corpus, tmp_path, capsys):
     assert main(cli(corpus, out, "--lr", "1e30", "--warmup", "0", "--ckpt-every", "1")) == 1
     err = capsys.readouterr().err
     assert "at step 2: stopping" in err and "last good checkpoint is step 1" in err
-    assert StepCheckpoints(out / "checkpoints").latest_step() == 1
+    assert Checkpoints(out).latest_step() == 1
 
 
 def test_refuses_to_overwrite_a_run_without_resume(corpus, reference):
@@ -360,7 +363,7 @@ def test_two_processes_match_one(corpus, reference, tmp_path):
     got, (_, ref, _) = losses(out / "metrics.jsonl"), reference
     assert sorted(got) == list(range(1, 21))
     np.testing.assert_allclose([got[s] for s in range(1, 21)], [ref[s] for s in range(1, 21)], rtol=0, atol=1e-5)
-    assert StepCheckpoints(out / "checkpoints").latest_step() == 20
+    assert Checkpoints(out).latest_step() == 20
 
 
 def test_fine_tune_from_exported_hf_in_bf16(corpus, reference, tmp_path):

@@ -26,16 +26,19 @@ import optax
 from tqdm import tqdm
 
 from jaxformer import sharding as sh
+from jaxformer import training
+from jaxformer.checkpoint import Checkpoints
+from jaxformer.distributed import barrier, print0
 from jaxformer.gpt2 import data as gdata
 from jaxformer.gpt2.config import GPT2Config, preset
 from jaxformer.gpt2.generate import generate
 from jaxformer.gpt2.model import GPT2, init_params
 from jaxformer.losses import cross_entropy
-from jaxformer.plotting import plot_curves
-from jaxformer.resumable import StepCheckpoints, StopRequested, any_process
+from jaxformer.metrics import MetricsLog, plot_curves
+from jaxformer.resumable import StopRequested, any_process
 from jaxformer.schedules import warmup_cosine
 from jaxformer.tokenizer import GPT2Tokenizer
-from jaxformer.training import TrainState
+from jaxformer.training import NonFiniteLoss, TrainState
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,14 +89,6 @@ class TrainConfig:
         return cls(**json.loads(path.read_text()))
 
 
-class NonFiniteLoss(RuntimeError):
-    """The loss became NaN or Inf; ``step`` is the update that produced it."""
-
-    def __init__(self, step: int, loss: float, checkpoint: str):
-        super().__init__(f"loss is {loss} at step {step}: stopping. {checkpoint}")
-        self.step = step
-
-
 # --- FLOPs and MFU -----------------------------------------------------------------------------
 
 def flops_per_token(config: GPT2Config, seq_len: int) -> float:
@@ -141,88 +136,29 @@ def peak_flops(device, dtype: str) -> tuple[float, str]:
 
 # --- optimizer, loss, steps --------------------------------------------------------------------
 
-def decay_mask(params):
-    """True where weight decay applies: Dense kernels and an untied ``lm_head``; not biases,
-    LayerNorm scales/biases or embeddings (stacked layers make biases 2-D, so names decide)."""
-    return jax.tree_util.tree_map_with_path(lambda path, _: path[-1].key in ("kernel", "lm_head"), params)
-
-
 def make_optimizer(cfg: TrainConfig) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """Global-norm clipping, then AdamW with warm-up + cosine decay; returns (optimizer, schedule)."""
+    """Global-norm clipping, then AdamW (decay on kernels only) with warm-up + cosine decay;
+    returns (optimizer, schedule)."""
     schedule = warmup_cosine(cfg.lr, cfg.warmup, cfg.schedule_steps, cfg.min_lr_ratio)
-    adamw = optax.adamw(schedule, cfg.b1, cfg.b2, eps=1e-8, weight_decay=cfg.weight_decay, mask=decay_mask)
-    return optax.chain(optax.clip_by_global_norm(cfg.clip_norm), adamw), schedule
+    return training.make_optimizer(schedule, weight_decay=cfg.weight_decay, clip_norm=cfg.clip_norm,
+                                   b1=cfg.b1, b2=cfg.b2, eps=1e-8), schedule
 
 
-def window_loss(model: GPT2, params, windows, key=None):
-    """Mean next-token cross-entropy (float32) of windows int32[b, T + 1]; dropout when ``key``."""
-    logits, _ = model.apply({"params": params}, windows[:, :-1], rngs=None if key is None else {"dropout": key})
-    total, _, n = cross_entropy(logits, windows[:, 1:], jnp.ones(windows[:, 1:].shape, bool))
-    return total / n, n
+def make_loss_fn(config: GPT2Config, deterministic: bool = False) -> training.LossFn:
+    """``loss_fn(params, windows, key) -> (summed next-token cross-entropy, (tokens, {}))`` for
+    windows int32[b, T + 1] (float32 loss whatever the compute dtype; dropout unless deterministic)."""
+    model = GPT2(config, deterministic=deterministic)
 
+    def loss_fn(params, windows, key):
+        logits, _ = model.apply({"params": params}, windows[:, :-1],
+                                rngs=None if key is None else {"dropout": key})
+        total, _, n = cross_entropy(logits, windows[:, 1:], jnp.ones(windows[:, 1:].shape, bool))
+        return total, (n, {})
 
-def make_train_step(config: GPT2Config, optimizer, state_shardings, batch_sharding):
-    """Jitted ``train_step(state, batch) -> (state, metrics)``.
-
-    batch: int32[grad_accum, batch, T + 1], sharded over the batch dimension. The gradient is the
-    mean over the ``grad_accum`` micro-batches (a ``lax.scan``, so memory is one micro-batch's).
-    Dropout keys: ``fold_in(fold_in(state.key, step), micro_batch)``. ``state`` is donated
-    (argument 0): its buffers become the new state's. Nothing is static; it compiles once per
-    batch shape. metrics: float32 ``loss`` and ``grad_norm`` (before clipping), replicated.
-    """
-    model = GPT2(config, deterministic=False)
-    param_sh = state_shardings.params
-
-    def train_step(state: TrainState, batch):
-        key = jax.random.fold_in(state.key, state.step)
-        grad_fn = jax.value_and_grad(lambda p, w, k: window_loss(model, p, w, k)[0])
-
-        def micro(carry, xs):
-            i, windows = xs
-            loss, grads = grad_fn(state.params, windows, jax.random.fold_in(key, i))
-            grads = jax.lax.with_sharding_constraint(grads, param_sh)
-            return jax.tree.map(jnp.add, carry, (loss, grads)), None
-
-        zeros = (jnp.float32(0), jax.tree.map(jnp.zeros_like, state.params))
-        (loss, grads), _ = jax.lax.scan(micro, zeros, (jnp.arange(batch.shape[0]), batch))
-        loss, grads = jax.tree.map(lambda x: x / batch.shape[0], (loss, grads))
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        metrics = dict(loss=loss, grad_norm=optax.global_norm(grads))
-        return TrainState(state.step + 1, params, opt_state, state.key), metrics
-
-    mesh = batch_sharding.mesh
-    return jax.jit(train_step, in_shardings=(state_shardings, batch_sharding),
-                   out_shardings=(state_shardings, sh.replicated(mesh)), donate_argnums=0)
-
-
-def make_eval_step(config: GPT2Config, param_shardings, batch_sharding):
-    """Jitted ``eval_step(params, windows int32[b, T + 1]) -> float32 mean loss`` without dropout."""
-    model = GPT2(config, deterministic=True)
-    return jax.jit(lambda p, w: window_loss(model, p, w)[0], in_shardings=(param_shardings, batch_sharding),
-                   out_shardings=sh.replicated(batch_sharding.mesh))
-
-
-def host_params(params):
-    """Full parameter values on this host (gathered across processes when needed)."""
-    if jax.process_count() == 1:
-        return jax.device_get(params)
-    from jax.experimental import multihost_utils
-    return multihost_utils.process_allgather(params, tiled=True)
+    return loss_fn
 
 
 # --- the run -----------------------------------------------------------------------------------
-
-def _print0(*args):
-    if jax.process_index() == 0:
-        print(*args, file=sys.stderr, flush=True)
-
-
-def _barrier(name: str):
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-        multihost_utils.sync_global_devices(name)
-
 
 def prepare(cfg: TrainConfig, out: Path, fresh: bool):
     """(model config, tokenizer, train tokens, val tokens, ``cfg.init``'s params or None).
@@ -251,7 +187,7 @@ def prepare(cfg: TrainConfig, out: Path, fresh: bool):
         np.save(out / "data" / "val.npy", val_tokens)
         tok.tokenizer.save(str(out / "tokenizer.json"))
         mcfg.save(out / "config.json")
-    _barrier("jaxformer-gpt2-data")
+    barrier("jaxformer-gpt2-data")
     mcfg = GPT2Config.load(out / "config.json")
     tok = GPT2Tokenizer.from_dir(out)
     train_tokens, val_tokens = (np.load(out / "data" / f"{n}.npy", mmap_mode="r") for n in ("train", "val"))
@@ -272,7 +208,7 @@ def train(cfg: TrainConfig, out: str | Path, *, mesh: str | None = None, resume:
     t0 = time.time()
     out = Path(out).absolute()
     out.mkdir(parents=True, exist_ok=True)
-    ckpts = StepCheckpoints(out / "checkpoints", cfg.keep)
+    ckpts = Checkpoints(out, cfg.keep)
     resuming = ckpts.latest_step() is not None
     if resuming and not resume:
         raise FileExistsError(f"{out} already holds checkpoints: pass --resume, or choose a new --out")
@@ -294,61 +230,40 @@ def train(cfg: TrainConfig, out: str | Path, *, mesh: str | None = None, resume:
         params = init_params(mcfg, init_key) if params is None else params
         return TrainState.create(params, optimizer, run_key)
 
-    key = jax.random.PRNGKey(cfg.seed)
-    abstract = jax.eval_shape(create, key)
-    state_sh = sh.state_shardings(device_mesh, abstract)
-    if resuming:
-        state = ckpts.restore(sh.with_shardings(abstract, state_sh))
-    elif pretrained is not None:
-        params = sh.put_global(pretrained, state_sh.params)
-        state = jax.jit(create, out_shardings=state_sh)(key, params)
-    else:
-        state = jax.jit(create, out_shardings=state_sh)(key)
-    step = int(state.step)
+    state, state_sh = training.init_state(create, jax.random.PRNGKey(cfg.seed), device_mesh, pretrained, ckpts)
+    step = first_step = int(state.step)
 
-    batch_sh = sh.batch_sharding(device_mesh, batch_dim=1, ndim=3)
+    accum = cfg.grad_accum > 1  # micro-batches get a leading axis
+    batch_sh = sh.batch_sharding(device_mesh, batch_dim=int(accum), ndim=2 + accum)
     eval_sh = sh.batch_sharding(device_mesh, batch_dim=0, ndim=2)
-    train_step = make_train_step(mcfg, optimizer, state_sh, batch_sh)
-    eval_step = make_eval_step(mcfg, state_sh.params, eval_sh)
+    train_step = training.make_train_step(make_loss_fn(mcfg), optimizer, grad_accum=cfg.grad_accum,
+                                          state_shardings=state_sh, batch_sharding=batch_sh)
+    eval_step = training.make_eval_step(make_loss_fn(mcfg, deterministic=True), state_sh.params, eval_sh)
 
     n_dev = device_mesh.devices.size
     peak, peak_src = peak_flops(device_mesh.devices.flat[0], mcfg.dtype)
     fpt = flops_per_token(mcfg, cfg.seq_len)
     tokens_per_step = cfg.grad_accum * cfg.batch_size * cfg.seq_len
     prompt = tok.encode(cfg.prompt) if cfg.prompt else val_tokens[:8].tolist()
-
-    metrics_path = Path(metrics_path) if metrics_path else out / "metrics.jsonl"
-    records = []
-    if jax.process_index() == 0:
-        old = metrics_path.read_text().splitlines() if resuming and metrics_path.is_file() else []
-        kept = [r for r in map(json.loads, old) if r["step"] <= step]
-        metrics_path.parent.mkdir(parents=True, exist_ok=True)
-        metrics_path.write_text("".join(json.dumps(r) + "\n" for r in kept))
-        plot_records = kept
-    _print0(f"{'resuming at' if resuming else 'starting at'} step {step} of {cfg.steps}; "
-            f"{mcfg.num_params():,} params, {mcfg.dtype} compute; mesh {dict(device_mesh.shape)} on "
-            f"{n_dev} {device_mesh.devices.flat[0].device_kind} device(s), {jax.process_count()} process(es); "
-            f"{len(train_w):,} train / {len(val_w):,} val windows of {cfg.seq_len}; peak {peak:.3g} FLOP/s "
-            f"per device ({peak_src}), {fpt:.3g} FLOPs/token")
-
-    def log(record):
-        records.append(record)
-        if jax.process_index() == 0:
-            plot_records.append(record)
-            with metrics_path.open("a") as f:
-                f.write(json.dumps(record) + "\n")
+    metrics = MetricsLog(metrics_path or out / "metrics.jsonl", step if resuming else None)
+    print0(f"{'resuming at' if resuming else 'starting at'} step {step} of {cfg.steps}; "
+           f"{mcfg.num_params():,} params, {mcfg.dtype} compute; mesh {dict(device_mesh.shape)} on "
+           f"{n_dev} {device_mesh.devices.flat[0].device_kind} device(s), {jax.process_count()} process(es); "
+           f"{len(train_w):,} train / {len(val_w):,} val windows of {cfg.seq_len}; peak {peak:.3g} FLOP/s "
+           f"per device ({peak_src}), {fpt:.3g} FLOPs/token")
 
     def checkpoint_note() -> str:
         last = ckpts.latest_step()
         if last is None:
             return "No checkpoint was written yet."
-        return f"The last good checkpoint is step {last} in {ckpts.dir} (continue with --resume)."
+        return f"The last good checkpoint is step {last} in {ckpts.states} (continue with --resume)."
 
     def evaluate() -> dict:
-        loss = float(np.mean([float(eval_step(state.params, sh.put_batch(b, eval_sh))) for b in val_batches]))
+        sums = [eval_step(state.params, sh.put_batch(b, eval_sh)) for b in val_batches]
+        loss = sum(float(t) for t, _, _ in sums) / sum(float(n) for _, n, _ in sums)
         record = dict(step=step, val_loss=loss, val_ppl=math.exp(min(loss, 700.0)))
         if cfg.sample_tokens > 0:
-            params = state.params if jax.process_count() == 1 else host_params(state.params)
+            params = sh.host_params(state.params)
             new = generate(params, mcfg, [prompt], max_new_tokens=min(cfg.sample_tokens, mcfg.n_positions - len(prompt)),
                            temperature=0.8, top_p=0.95, seed=step)[0]
             record["sample"] = tok.decode(prompt + new)
@@ -360,8 +275,8 @@ def train(cfg: TrainConfig, out: str | Path, *, mesh: str | None = None, resume:
     stopped_by = None
     with StopRequested() as stop:
         while step < cfg.steps:
-            batch = sh.put_batch(train_w.train_batch(cfg.seed, step, cfg.grad_accum, cfg.batch_size), batch_sh)
-            state, m = train_step(state, batch)
+            windows = train_w.train_batch(cfg.seed, step, cfg.grad_accum, cfg.batch_size)
+            state, m = train_step(state, sh.put_batch(windows if accum else windows[0], batch_sh, int(accum)))
             step += 1
             bar.update(1)
             pending.append((step, m))
@@ -379,47 +294,49 @@ def train(cfg: TrainConfig, out: str | Path, *, mesh: str | None = None, resume:
                 continue
             # Flush: every pending loss is checked before anything is logged or saved.
             fetched = jax.device_get([m for _, m in pending])
-            for (s, _), fm in zip(pending, fetched):
-                if not np.isfinite(fm["loss"]):
-                    bar.close()
-                    raise NonFiniteLoss(s, float(fm["loss"]), checkpoint_note())
+            try:
+                training.check_finite([(s, fm["loss"]) for (s, _), fm in zip(pending, fetched)], checkpoint_note)
+            except NonFiniteLoss:
+                bar.close()
+                raise
             # Throughput over the steps since the last flush (None right after compilation).
             tok_s = tokens_since / (time.perf_counter() - t_last) if tokens_since else None
             mfu = tok_s * fpt / (peak * n_dev) if tok_s and math.isfinite(peak) else None
             last_loss = float(np.mean([fm["loss"] for fm in fetched]))
-            log(dict(step=step, loss=last_loss, grad_norm=float(fetched[-1]["grad_norm"]),
-                     lr=float(schedule(step - 1)), tokens_per_s=tok_s and round(tok_s, 1),
-                     mfu=mfu and round(mfu, 5), elapsed_s=round(time.time() - t0, 1)))
+            metrics.log(dict(step=step, loss=last_loss, grad_norm=float(fetched[-1]["grad_norm"]),
+                             lr=float(schedule(step - 1)), tokens_per_s=tok_s and round(tok_s, 1),
+                             mfu=mfu and round(mfu, 5), elapsed_s=round(time.time() - t0, 1)))
             bar.set_postfix(loss=f"{last_loss:.3f}", tok_s=f"{tok_s or 0:.0f}", mfu=f"{mfu or 0:.1%}")
             pending = []
             if at_eval:
                 record = evaluate()
-                log(record)
+                metrics.log(record)
                 if jax.process_index() == 0:
                     bar.write(f"step {step}: val_loss {record['val_loss']:.4f} ppl {record['val_ppl']:.2f}"
                               + (f"\n{record['sample']!r}" if "sample" in record else ""), file=sys.stderr)
             if at_ckpt or stopping:
                 ckpts.save(step, state)
             if jax.process_index() == 0 and (at_eval or stopping or step == cfg.steps):
-                plot(plot_records, out / "loss.png")
+                plot(metrics.records, out / "loss.png")
             t_last, tokens_since = time.perf_counter(), 0
             if stopping:
                 stopped_by = stop.signal or "signal on another process"
                 break
     bar.close()
     if stopped_by:
-        _print0(f"{stopped_by}: stopped after step {step} and saved a checkpoint in {ckpts.dir}. "
-                f"Continue with the same command plus --resume (e.g. --out {out} --resume).")
+        print0(f"{stopped_by}: stopped after step {step} and saved a checkpoint in {ckpts.states}. "
+               f"Continue with the same command plus --resume (e.g. --out {out} --resume).")
     else:
         if export_hf:
             from jaxformer.gpt2.hf import save_hf
-            params = host_params(state.params)
+            params = sh.host_params(state.params)
             if jax.process_index() == 0:
                 save_hf(export_hf, mcfg, params, tokenizer_dir=out)
-                _print0(f"exported Hugging Face model to {export_hf}")
-        _print0(f"done at step {step} ({time.time() - t0:.0f} s); final train loss {last_loss:.4f}")
+                print0(f"exported Hugging Face model to {export_hf}")
+        print0(f"done at step {step} ({time.time() - t0:.0f} s); final train loss {last_loss:.4f}")
     ckpts.close()
-    return dict(step=step, stopped_by=stopped_by, records=records, state=state)
+    return dict(step=step, stopped_by=stopped_by, state=state,
+                records=[r for r in metrics.records if r["step"] > first_step])
 
 
 def plot(records: list[dict], path: Path) -> None:

@@ -7,18 +7,21 @@ carry no loss. Shapes therefore come from ``len(buckets)`` choices.
 """
 
 import dataclasses
+import math
 
 import numpy as np
 
 from jaxformer.translator.tokenizer import BOS_ID, EOS_ID, PAD_ID
 
 
-def batch_rows(length: int, batch_tokens: int, max_sentences: int = 0) -> int:
-    """Rows per batch for padded length ``length``: the token budget, capped, a multiple of 8."""
+def batch_rows(length: int, batch_tokens: int, max_sentences: int = 0, multiple: int = 1) -> int:
+    """Rows per batch for padded length ``length``: the token budget, capped, rounded down to a
+    multiple of 8 and of ``multiple`` (the batch shards of a device mesh)."""
     rows = batch_tokens // length
     if max_sentences:
         rows = min(rows, max_sentences)
-    return max(8, rows // 8 * 8)
+    m = math.lcm(8, multiple)
+    return max(m, rows // m * m)
 
 
 def bucket_of(lengths: np.ndarray, buckets) -> np.ndarray:
@@ -56,15 +59,15 @@ def make_batch(srcs, tgts, rows: int, length: int) -> Batch:
 
 class Batcher:
     """Groups pairs of token-id arrays into bucketed batches; pairs longer than the last bucket are
-    dropped (and counted in ``dropped``)."""
+    dropped (and counted in ``dropped``). ``row_multiple``: every batch's rows are a multiple of it."""
 
-    def __init__(self, srcs, tgts, buckets, batch_tokens: int, max_sentences: int = 0):
+    def __init__(self, srcs, tgts, buckets, batch_tokens: int, max_sentences: int = 0, row_multiple: int = 1):
         self.srcs, self.tgts, self.buckets = srcs, tgts, tuple(buckets)
         lengths = np.maximum([len(s) + 1 for s in srcs], [len(t) + 1 for t in tgts])
         which = bucket_of(lengths, self.buckets)
         self.dropped = int((which == len(self.buckets)).sum())
         self.members = [np.flatnonzero(which == b) for b in range(len(self.buckets))]
-        self.rows = [batch_rows(L, batch_tokens, max_sentences) for L in self.buckets]
+        self.rows = [batch_rows(L, batch_tokens, max_sentences, row_multiple) for L in self.buckets]
         # (bucket, start) of every batch, in a canonical order; epochs permute this list
         self.slots = [(b, s) for b, m in enumerate(self.members) for s in range(0, len(m), self.rows[b])]
 

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxformer.checkpoint import restore_pytree
+from jaxformer.checkpoint import Checkpoints, restore_pytree
 from jaxformer.decode import beam_search, decode_loop, greedy_or_sample
 from jaxformer.translator import tokenizer as tk
 from jaxformer.translator.batching import pad_sources
@@ -68,16 +68,20 @@ class TranslatorModel:
 
     @classmethod
     def load(cls, directory: str | Path, **kw) -> "TranslatorModel":
-        """Reads ``config.json``, ``tokenizer.json`` and the ``best`` params (else ``latest``) from a
-        training output directory."""
+        """Reads ``config.json``, ``tokenizer.json`` and the ``best`` params (else those of the
+        latest checkpoint) from a training output directory."""
         d = Path(directory)
         if not (d / "config.json").is_file():
             raise FileNotFoundError(f"{d}: no config.json; pass the --out directory of train_translator.py")
         cfg = TranslatorConfig.load(d / "config.json")
         if (d / "best").is_dir():
             params = restore_pytree(d / "best")
+        elif (d / "checkpoints").is_dir():
+            ckpts = Checkpoints(d)
+            params = ckpts.restore()["params"]
+            ckpts.close()
         else:
-            params = restore_pytree(d / "latest")["params"]
+            raise FileNotFoundError(f"{d}: neither best/ nor checkpoints/ holds parameters")
         return cls(cfg, params, tk.load_tokenizer(d / "tokenizer.json"), **kw)
 
     def translate(self, sentences: list[str], beam_size: int | None = None) -> list[str]:

@@ -1,15 +1,17 @@
 """Training loop: data, tokenizer, bucketed batches, jitted step, evaluation, checkpoints, metrics.
 
+The train step, optimizer, checkpoints, sharding and metrics log are the shared ones
+(:mod:`jaxformer.training`, :mod:`jaxformer.checkpoint`, :mod:`jaxformer.sharding`,
+:mod:`jaxformer.metrics`); this module adds the translator's loss, evaluation (BLEU) and loop.
+
 Output directory (also what ``translate.py --model`` reads)::
 
-    config.json  tokenizer.json  best/ latest/ checkpoints.json   (see TrainCheckpoints)
+    config.json  tokenizer.json  checkpoints/<step>/  best/  best.json   (see Checkpoints)
     metrics.jsonl  curves.png  data/{valid,test}.{en,fr}
 """
 
 import dataclasses
-import json
 import math
-import sys
 import time
 import warnings
 from pathlib import Path
@@ -19,11 +21,15 @@ import numpy as np
 import sacrebleu
 from tqdm import tqdm
 
-from jaxformer.checkpoint import TrainCheckpoints
+from jaxformer import sharding as sh
+from jaxformer.checkpoint import Checkpoints
+from jaxformer.distributed import barrier, print0
 from jaxformer.losses import cross_entropy
-from jaxformer.plotting import plot_curves
+from jaxformer.metrics import MetricsLog, plot_curves
+from jaxformer.resumable import StopRequested, any_process
 from jaxformer.schedules import noam, warmup_cosine
-from jaxformer.training import TrainState, make_optimizer, make_train_step
+from jaxformer.training import (NonFiniteLoss, TrainState, check_finite, init_state, make_eval_step,
+                                make_optimizer, make_train_step)
 from jaxformer.translator import data as tdata
 from jaxformer.translator import tokenizer as tk
 from jaxformer.translator.batching import Batcher
@@ -55,145 +61,174 @@ def make_loss_fn(cfg: TranslatorConfig, deterministic: bool = False):
     return loss_fn
 
 
-def make_eval_step(cfg: TranslatorConfig):
-    """Jitted ``eval_step(params, batch) -> (loss sum, NLL sum, tokens)`` without dropout; nothing static."""
-    loss_fn = make_loss_fn(cfg, deterministic=True)
-
-    @jax.jit
-    def eval_step(params, batch):
-        loss, (n, aux) = loss_fn(params, batch, None)
-        return loss, aux["nll"], n
-
-    return eval_step
-
-
-def _as_dict(batch) -> dict:
-    return dataclasses.asdict(batch)
-
-
 class Run:
-    """One training run in ``out``; ``resume`` continues it from ``out/latest``."""
+    """One training run in ``out``; ``resume`` continues it from its latest checkpoint.
+
+    mesh: ``"data=4,fsdp=2"`` style (:func:`sharding.make_mesh`; default: data parallel over all
+    devices). In a multi-process run every process builds the same batches and feeds its rows;
+    process 0 writes the files.
+    """
 
     def __init__(self, cfg: TranslatorConfig, data, out: str | Path, resume: bool = False,
-                 metrics_path: str | Path | None = None, progress: bool = True):
+                 metrics_path: str | Path | None = None, progress: bool = True, mesh: str | None = None):
         self.t0 = time.time()
-        self.out = Path(out)
+        self.out = Path(out).absolute()
         self.out.mkdir(parents=True, exist_ok=True)
-        self.ckpt = TrainCheckpoints(self.out)
-        self.resume = resume and self.ckpt.has_latest
+        self.ckpts = Checkpoints(self.out)
+        self.resume = self.ckpts.latest_step() is not None
+        if self.resume and not resume:
+            raise FileExistsError(f"{self.out} already holds checkpoints: pass --resume, or choose a new --out")
         if self.resume:
             cfg = TranslatorConfig.load(self.out / "config.json")
         self.cfg, self.progress = cfg, progress
         self.metrics_path = Path(metrics_path) if metrics_path else self.out / "metrics.jsonl"
-        self.eval_step = make_eval_step(cfg)
+        self.mesh = sh.make_mesh(mesh)
+        rows = sh.batch_size_divisor(self.mesh)
 
         pairs = data if isinstance(data, list) else tdata.load_pairs(data)
         splits = tdata.split_pairs(pairs)
-        (self.out / "data").mkdir(exist_ok=True)
-        for name in ("valid", "test"):
-            tdata.write_split(splits[name], self.out / "data" / name)
-        if self.resume:
-            self.tok = tk.load_tokenizer(self.out / "tokenizer.json")
-        else:
-            train = splits["train"]
-            self.tok = tk.train_tokenizer([p[0] for p in train] + [p[1] for p in train], cfg.vocab_size)
-            self.tok.save(str(self.out / "tokenizer.json"))
-            cfg.save(self.out / "config.json")
+        if jax.process_index() == 0:
+            (self.out / "data").mkdir(exist_ok=True)
+            for name in ("valid", "test"):
+                tdata.write_split(splits[name], self.out / "data" / name)
+            if not self.resume:
+                train = splits["train"]
+                tok = tk.train_tokenizer([p[0] for p in train] + [p[1] for p in train], cfg.vocab_size)
+                tok.save(str(self.out / "tokenizer.json"))
+                cfg.save(self.out / "config.json")
+        barrier("jaxformer-translator-data")
+        self.tok = tk.load_tokenizer(self.out / "tokenizer.json")
 
         enc = lambda ps, i: tk.encode(self.tok, [p[i] for p in ps])  # noqa: E731
         self.train_batches = Batcher(enc(splits["train"], 0), enc(splits["train"], 1), cfg.buckets,
-                                     cfg.batch_tokens, cfg.max_batch_sentences)
+                                     cfg.batch_tokens, cfg.max_batch_sentences, row_multiple=rows)
         self.valid_batches = Batcher(enc(splits["valid"], 0), enc(splits["valid"], 1), cfg.buckets,
-                                     cfg.batch_tokens)
+                                     cfg.batch_tokens, row_multiple=rows)
         step = max(1, len(splits["valid"]) // cfg.eval_sentences)
         self.bleu_pairs = splits["valid"][::step][:cfg.eval_sentences]  # spread over all lengths
-        print(f"pairs per split { {k: len(v) for k, v in splits.items()} }; "
-              f"train batches/epoch {len(self.train_batches)}, {self.train_batches.dropped} overlong pairs dropped; "
-              f"batch shapes {self.train_batches.shapes()}", file=sys.stderr)
+        print0(f"pairs per split { {k: len(v) for k, v in splits.items()} }; "
+               f"train batches/epoch {len(self.train_batches)}, {self.train_batches.dropped} overlong pairs dropped; "
+               f"batch shapes {self.train_batches.shapes()}; mesh {dict(self.mesh.shape)}")
 
-    def evaluate(self, params) -> dict:
+    def evaluate(self, params, eval_step, put) -> dict:
         """Validation loss/NLL per target token, and greedy BLEU/chrF on the detokenised output."""
         loss = nll = n = 0.0
         for b in self.valid_batches.in_order():
-            l_, nll_, n_ = self.eval_step(params, _as_dict(b))
-            loss, nll, n = loss + float(l_), nll + float(nll_), n + float(n_)
+            l_, n_, aux = eval_step(params, put(b))
+            loss, nll, n = loss + float(l_), nll + float(aux["nll"]), n + float(n_)
         with warnings.catch_warnings():  # sources truncated to max_len: expected, not news
             warnings.simplefilter("ignore")
-            hyps = TranslatorModel(self.cfg, params, self.tok, batch_size=128).translate(
+            hyps = TranslatorModel(self.cfg, sh.host_params(params), self.tok, batch_size=128).translate(
                 [p[0] for p in self.bleu_pairs], beam_size=1)
         refs = [[p[1] for p in self.bleu_pairs]]
         return dict(val_loss=loss / n, val_nll=nll / n, bleu=sacrebleu.corpus_bleu(hyps, refs).score,
                     chrf=sacrebleu.corpus_chrf(hyps, refs).score)
 
+    def batches_from(self, step: int):
+        """The training batches from ``step`` on, epoch after epoch (the same on every resume)."""
+        epoch, start = divmod(step, len(self.train_batches))
+        while True:
+            yield from self.train_batches.epoch(self.cfg.seed, epoch, start)
+            epoch, start = epoch + 1, 0
+
     def run(self, *, max_minutes: float | None = None, epochs: float | None = None, steps: int | None = None):
         """Trains until the first of the limits given (minutes counted from the start of the run,
-        data preparation and compilation included); then evaluates, saves and plots once more."""
+        data preparation and compilation included), then evaluates, saves and plots once more; or
+        until SIGTERM/SIGINT, which saves a checkpoint without evaluating. A NaN/Inf loss raises
+        :class:`NonFiniteLoss`. Returns (state, the last evaluation record or None)."""
         cfg, spe = self.cfg, len(self.train_batches)
         total = steps if steps is not None else math.ceil(epochs * spe) if epochs is not None else None
         schedule = make_schedule(cfg, total)
-        optimizer = make_optimizer(cfg.optimizer, schedule, weight_decay=cfg.weight_decay, clip_norm=cfg.clip_norm)
-        train_step = make_train_step(make_loss_fn(cfg), optimizer)
+        optimizer = make_optimizer(schedule, name=cfg.optimizer, weight_decay=cfg.weight_decay,
+                                   clip_norm=cfg.clip_norm)
 
-        init_key, run_key = jax.random.split(jax.random.PRNGKey(cfg.seed))
-        state = TrainState.create(init_params(cfg, init_key), optimizer, run_key)
-        records = []
-        if self.resume:
-            state = self.ckpt.restore_latest(state)
-            if self.metrics_path.is_file():
-                records = [r for r in map(json.loads, self.metrics_path.read_text().splitlines())
-                           if r["step"] <= int(state.step)]
-        self.metrics_path.write_text("".join(json.dumps(r) + "\n" for r in records))
+        def create(key):
+            init_key, run_key = jax.random.split(key)
+            return TrainState.create(init_params(cfg, init_key), optimizer, run_key)
+
+        state, state_sh = init_state(create, jax.random.PRNGKey(cfg.seed), self.mesh, checkpoints=self.ckpts)
+        batch_sh = sh.batch_sharding(self.mesh, 0, 2)
+        train_step = make_train_step(make_loss_fn(cfg), optimizer, state_shardings=state_sh, batch_sharding=batch_sh)
+        eval_step = make_eval_step(make_loss_fn(cfg, deterministic=True), state_sh.params, batch_sh)
+        put = lambda b: {k: sh.put_batch(v, batch_sh) for k, v in dataclasses.asdict(b).items()}  # noqa: E731
         step = int(state.step)
-        print(f"{'resuming at' if self.resume else 'starting at'} step {step}; "
-              f"{sum(x.size for x in jax.tree.leaves(state.params)):,} params", file=sys.stderr)
+        metrics = MetricsLog(self.metrics_path, step if self.resume else None)
+        print0(f"{'resuming at' if self.resume else 'starting at'} step {step}; "
+               f"{sum(x.size for x in jax.tree.leaves(state.params)):,} params")
 
         def out_of_time():
             return max_minutes is not None and time.time() - self.t0 > 60 * max_minutes
 
-        def log(record):
-            records.append(record)
-            with self.metrics_path.open("a") as f:
-                f.write(json.dumps(record) + "\n")
+        def checkpoint_note() -> str:
+            last = self.ckpts.latest_step()
+            return ("No checkpoint was written yet." if last is None else
+                    f"The last good checkpoint is step {last} in {self.ckpts.states} (continue with --resume).")
 
         def evaluate_and_save(train_loss):
-            record = dict(step=step, loss=train_loss, **self.evaluate(state.params),
+            record = dict(step=step, loss=train_loss, **self.evaluate(state.params, eval_step, put),
                           elapsed_s=round(time.time() - self.t0, 1))
-            if self.ckpt.save_best(state.params, record["bleu"], step):
+            if self.ckpts.save_best(state.params, "bleu", record["bleu"], step):
                 record["best"] = True
-            self.ckpt.save_latest(state, step)
-            log(record)
-            plot(records, self.out / "curves.png")
+            self.ckpts.save(step, state)
+            metrics.log(record)
+            if jax.process_index() == 0:
+                plot(metrics.records, self.out / "curves.png")
             return record
 
-        bar = tqdm(total=total, initial=step, disable=not self.progress, unit="step", dynamic_ncols=True)
-        window, tokens, t_log, last_loss, last_eval = [], 0.0, time.time(), float("nan"), None
-        while (total is None or step < total) and not out_of_time():
-            for batch in self.train_batches.epoch(cfg.seed, step // spe, step % spe):
-                state, m = train_step(state, _as_dict(batch))
+        bar = tqdm(total=total, initial=step, unit="step", dynamic_ncols=True,
+                   disable=not self.progress or jax.process_index() != 0)
+        pending, t_log, last_loss, last_eval, time_up, stopped_by = [], time.time(), math.nan, None, False, None
+        with StopRequested() as stop:
+            for batch in self.batches_from(step):
+                if (total is not None and step >= total) or time_up:
+                    break
+                state, m = train_step(state, put(batch))
                 step += 1
-                window.append(m)
+                pending.append((step, m))
                 bar.update(1)
-                if step % cfg.log_every == 0:
-                    ms = jax.device_get(window)
-                    tokens = sum(float(x["tokens"]) for x in ms)
+                at_log = step % cfg.log_every == 0
+                # One process: poll every step. Several: agree at log steps (collectives).
+                if jax.process_count() == 1 or at_log:
+                    time_up = any_process(out_of_time())
+                    if any_process(bool(stop)):
+                        stopped_by = stop.signal or "signal on another process"
+                if at_log or stopped_by:
+                    ms = jax.device_get([x for _, x in pending])
+                    try:
+                        check_finite([(s, x["loss"]) for (s, _), x in zip(pending, ms)], checkpoint_note)
+                    except NonFiniteLoss:
+                        bar.close()
+                        raise
+                    pending = []
+                if at_log:
                     last_loss = float(np.mean([x["loss"] for x in ms]))
-                    dt, t_log, window = time.time() - t_log, time.time(), []
-                    log(dict(step=step, loss=last_loss, nll=float(np.mean([x["nll"] for x in ms])),
-                             lr=float(schedule(step - 1)), epoch=round(step / spe, 3),
-                             tokens_per_s=round(tokens / dt, 1), elapsed_s=round(time.time() - self.t0, 1)))
+                    dt, t_log = time.time() - t_log, time.time()
+                    metrics.log(dict(step=step, loss=last_loss, nll=float(np.mean([x["nll"] for x in ms])),
+                                     lr=float(schedule(step - 1)), epoch=round(step / spe, 3),
+                                     tokens_per_s=round(sum(float(x["tokens"]) for x in ms) / dt, 1),
+                                     elapsed_s=round(time.time() - self.t0, 1)))
                     bar.set_postfix(loss=f"{last_loss:.3f}")
+                if stopped_by:
+                    self.ckpts.save(step, state)
+                    break
                 if step % cfg.eval_every == 0:
                     last_eval = evaluate_and_save(last_loss)
-                    bar.write(f"step {step}: val_loss {last_eval['val_loss']:.3f} BLEU {last_eval['bleu']:.2f} "
-                              f"chrF {last_eval['chrf']:.2f}")
+                    if jax.process_index() == 0:
+                        bar.write(f"step {step}: val_loss {last_eval['val_loss']:.3f} BLEU {last_eval['bleu']:.2f} "
+                                  f"chrF {last_eval['chrf']:.2f}")
                     t_log = time.time()
-                if (total is not None and step >= total) or out_of_time():
-                    break
         bar.close()
+        if pending:  # the steps since the last log line
+            check_finite([(s, float(x["loss"])) for s, x in pending], checkpoint_note)
+        if stopped_by:
+            print0(f"{stopped_by}: stopped after step {step} and saved a checkpoint in {self.ckpts.states}. "
+                   f"Continue with --resume (e.g. --out {self.out} --resume and the same limit).")
+            return state, None
         if last_eval is None or last_eval["step"] != step:
             last_eval = evaluate_and_save(last_loss)
-        print(f"done at step {step} ({(time.time() - self.t0) / 60:.1f} min): BLEU {last_eval['bleu']:.2f}, "
-              f"best {self.ckpt.meta['best']:.2f} at step {self.ckpt.meta['best_step']}", file=sys.stderr)
+        best = self.ckpts.best
+        print0(f"done at step {step} ({(time.time() - self.t0) / 60:.1f} min): BLEU {last_eval['bleu']:.2f}, "
+               f"best {best['value']:.2f} at step {best['step']}")
         return state, last_eval
 
 
