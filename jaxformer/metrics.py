@@ -17,7 +17,8 @@ class MetricsLog:
         if not self.writer:
             return
         if resume_step is not None and self.path.is_file():
-            self.records = [r for r in map(json.loads, self.path.read_text().splitlines()) if r["step"] <= resume_step]
+            self.records = [r for r in map(_parse, self.path.read_text().splitlines())
+                            if r is not None and r["step"] <= resume_step]
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.path.write_text("".join(json.dumps(r) + "\n" for r in self.records))
 
@@ -27,6 +28,14 @@ class MetricsLog:
             return
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
+
+
+def _parse(line: str) -> dict | None:
+    """A record, or None for a line a killed process left half-written."""
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError:
+        return None
 
 
 def plot_curves(path: str | Path, panels: list[dict], records: list[dict]) -> None:

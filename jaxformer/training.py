@@ -84,6 +84,8 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
     metrics: ``loss`` (per token), ``tokens``, ``grad_norm`` (before clipping), and loss_fn's other
     sums divided by the tokens.
     """
+    if (state_shardings is None) != (batch_sharding is None):
+        raise ValueError("give both state_shardings and batch_sharding, or neither")
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
     param_shardings = None if state_shardings is None else state_shardings.params
 
@@ -126,6 +128,8 @@ def make_eval_step(loss_fn: LossFn, param_shardings=None, batch_sharding=None):
         total, (n, aux) = loss_fn(params, batch, None)
         return total, n, aux
 
+    if (param_shardings is None) != (batch_sharding is None):
+        raise ValueError("give both param_shardings and batch_sharding, or neither")
     if param_shardings is None:
         return jax.jit(eval_step)
     return jax.jit(eval_step, in_shardings=(param_shardings, batch_sharding),

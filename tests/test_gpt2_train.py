@@ -131,7 +131,7 @@ def test_adamw_matches_float64_numpy():
     np.testing.assert_allclose([schedule(0), schedule(2), schedule(6)], [0.0, 1e-2, 1e-3], rtol=1e-6)
 
 
-def test_window_loss_matches_numpy_cross_entropy():
+def test_loss_fn_matches_numpy_cross_entropy():
     cfg = preset("tiny", vocab_size=50, n_positions=16)
     params = init_params(cfg.replace(initializer_range=0.5), jax.random.key(1))
     windows = np.random.default_rng(0).integers(0, 50, (3, 9)).astype(np.int32)

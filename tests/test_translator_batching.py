@@ -49,3 +49,9 @@ def test_order_is_deterministic_and_resumable():
 def test_batch_rows_respects_budget_and_cap():
     assert batch_rows(16, 4096) == 256 and batch_rows(24, 4096) == 168 and batch_rows(64, 4096, 32) == 32
     assert batch_rows(64, 100) == 8  # never fewer than 8 rows
+
+
+def test_batch_rows_are_multiples_of_the_batch_shards():
+    assert batch_rows(16, 2048) == 128 and batch_rows(16, 2048, multiple=8) == 128
+    assert batch_rows(16, 2048, multiple=12) == 120  # lcm(8, 12) = 24
+    assert batch_rows(64, 256, multiple=16) == 16  # never fewer than one row per shard

@@ -122,6 +122,8 @@ def test_mesh_data4_fsdp2_matches_one_device(trained, data_root, tmp_path):
                                "XLA_FLAGS": "--xla_force_host_platform_device_count=8"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "SPEC P('fsdp', None) 8" in proc.stdout  # embedding [300, 32]: the vocabulary split over fsdp
+    from jaxformer.translator.decode import TranslatorModel  # saved on 8 devices, loaded here on one
+    assert len(TranslatorModel.load(tmp_path).translate(["Hello!"], beam_size=1)) == 1
     got, want = losses(tmp_path), losses(trained[0])
     assert sorted(got) == sorted(want) == [4, 8, 12, 16]
     for step in want:

@@ -77,9 +77,11 @@ class TranslatorModel:
         if (d / "best").is_dir():
             params = restore_pytree(d / "best")
         elif (d / "checkpoints").is_dir():
-            ckpts = Checkpoints(d)
-            params = ckpts.restore()["params"]
-            ckpts.close()
+            ckpts = Checkpoints(d, read_only=True)
+            try:
+                params = ckpts.restore()["params"]
+            finally:
+                ckpts.close()
         else:
             raise FileNotFoundError(f"{d}: neither best/ nor checkpoints/ holds parameters")
         return cls(cfg, params, tk.load_tokenizer(d / "tokenizer.json"), **kw)

@@ -74,6 +74,10 @@ class Run:
         self.t0 = time.time()
         self.out = Path(out).absolute()
         self.out.mkdir(parents=True, exist_ok=True)
+        if (self.out / "latest").is_dir() or (self.out / "checkpoints.json").is_file():
+            raise ValueError(f"{self.out} holds a run in the layout of jaxformer before the shared Checkpoints "
+                             "(latest/, checkpoints.json); it cannot be resumed: start a new --out (its best/ "
+                             "still translates)")
         self.ckpts = Checkpoints(self.out)
         self.resume = self.ckpts.latest_step() is not None
         if self.resume and not resume:
@@ -177,7 +181,8 @@ class Run:
 
         bar = tqdm(total=total, initial=step, unit="step", dynamic_ncols=True,
                    disable=not self.progress or jax.process_index() != 0)
-        pending, t_log, last_loss, last_eval, time_up, stopped_by = [], time.time(), math.nan, None, False, None
+        pending, window, last_eval, time_up, stopped_by = [], [], None, False, None
+        t_log, last_loss = time.time(), math.nan
         with StopRequested() as stop:
             for batch in self.batches_from(step):
                 if (total is not None and step >= total) or time_up:
@@ -186,21 +191,22 @@ class Run:
                 step += 1
                 pending.append((step, m))
                 bar.update(1)
-                at_log = step % cfg.log_every == 0
+                at_log, at_eval = step % cfg.log_every == 0, step % cfg.eval_every == 0
                 # One process: poll every step. Several: agree at log steps (collectives).
                 if jax.process_count() == 1 or at_log:
                     time_up = any_process(out_of_time())
                     if any_process(bool(stop)):
                         stopped_by = stop.signal or "signal on another process"
-                if at_log or stopped_by:
+                if at_log or at_eval or stopped_by:  # every loss is checked before anything is saved
                     ms = jax.device_get([x for _, x in pending])
                     try:
                         check_finite([(s, x["loss"]) for (s, _), x in zip(pending, ms)], checkpoint_note)
                     except NonFiniteLoss:
                         bar.close()
                         raise
-                    pending = []
+                    window, pending = window + ms, []
                 if at_log:
+                    ms, window = window, []
                     last_loss = float(np.mean([x["loss"] for x in ms]))
                     dt, t_log = time.time() - t_log, time.time()
                     metrics.log(dict(step=step, loss=last_loss, nll=float(np.mean([x["nll"] for x in ms])),
@@ -211,7 +217,7 @@ class Run:
                 if stopped_by:
                     self.ckpts.save(step, state)
                     break
-                if step % cfg.eval_every == 0:
+                if at_eval:
                     last_eval = evaluate_and_save(last_loss)
                     if jax.process_index() == 0:
                         bar.write(f"step {step}: val_loss {last_eval['val_loss']:.3f} BLEU {last_eval['bleu']:.2f} "
@@ -223,9 +229,11 @@ class Run:
         if stopped_by:
             print0(f"{stopped_by}: stopped after step {step} and saved a checkpoint in {self.ckpts.states}. "
                    f"Continue with --resume (e.g. --out {self.out} --resume and the same limit).")
+            self.ckpts.close()
             return state, None
         if last_eval is None or last_eval["step"] != step:
             last_eval = evaluate_and_save(last_loss)
+        self.ckpts.close()
         best = self.ckpts.best
         print0(f"done at step {step} ({(time.time() - self.t0) / 60:.1f} min): BLEU {last_eval['bleu']:.2f}, "
                f"best {best['value']:.2f} at step {best['step']}")
