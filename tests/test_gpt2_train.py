@@ -12,7 +12,6 @@ import socket
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import jax
@@ -22,12 +21,13 @@ import optax
 import pytest
 from hypothesis import given, settings, strategies as st
 
+from jaxformer.checkpoint import Checkpoints
 from jaxformer.gpt2 import data as gdata
 from jaxformer.gpt2.config import GPT2Config, preset
 from jaxformer.gpt2.model import GPT2, init_params
-from jaxformer.checkpoint import Checkpoints
 from jaxformer.gpt2.train import TrainConfig, flops_per_token, make_loss_fn, make_optimizer
 from jaxformer.training import decay_mask
+from sigterm import sigterm_after_logging
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = str(REPO / "scripts" / "train_gpt2.py")
@@ -280,17 +280,8 @@ def test_kill9_during_checkpoint_write_then_resume_is_bitwise(corpus, reference,
 
 def test_sigterm_checkpoints_and_exits_zero(corpus, tmp_path):
     out = tmp_path / "run"
-    proc = subprocess.Popen([sys.executable, SCRIPT, *cli(corpus, out, "--steps", "100000", "--ckpt-every", "100000")],
-                            env=subprocess_env(), stderr=subprocess.PIPE, text=True)
-    metrics = out / "metrics.jsonl"
-    while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 3):
-        assert proc.poll() is None, proc.stderr.read()
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate()
-    assert proc.returncode == 0, err
-    assert "SIGTERM: stopped after step" in err and "--resume" in err
-    step = int(err.split("stopped after step ")[1].split()[0])
+    step, _ = sigterm_after_logging([sys.executable, SCRIPT, *cli(corpus, out, "--steps", "100000", "--ckpt-every",
+                                                                  "100000")], out, env=subprocess_env())
     assert Checkpoints(out).latest_step() == step >= 3
 
 

@@ -8,12 +8,16 @@ from jaxformer.losses import cross_entropy
 from jaxformer.schedules import noam, warmup_cosine
 
 
+def random_case(seed: int, shape: tuple[int, int], vocab: int, scale: float, keep: float):
+    """float32 logits [*shape, vocab], int targets and a bool mask (True with probability ``keep``)."""
+    rng = np.random.default_rng(seed)
+    return (rng.normal(size=(*shape, vocab)).astype(np.float32) * scale, rng.integers(0, vocab, shape),
+            rng.random(shape) < keep)
+
+
 @pytest.mark.parametrize("eps", [0.0, 0.1])
 def test_cross_entropy_matches_torch_and_float64(eps):
-    rng = np.random.default_rng(0)
-    logits = rng.normal(size=(3, 5, 11)).astype(np.float32) * 3
-    targets = rng.integers(0, 11, (3, 5))
-    mask = rng.random((3, 5)) < 0.7
+    logits, targets, mask = random_case(0, (3, 5), 11, 3.0, 0.7)
     loss, nll, n = cross_entropy(logits, targets, mask, eps)
 
     ref = torch.nn.functional.cross_entropy(
@@ -34,10 +38,7 @@ def test_cross_entropy_matches_torch_and_float64(eps):
 @pytest.mark.parametrize("eps", [0.0, 0.1])
 def test_cross_entropy_gradient_matches_torch(eps):
     """The hand-written backward pass against torch autograd in float64, with both outputs used."""
-    rng = np.random.default_rng(1)
-    logits = rng.normal(size=(4, 6, 13)).astype(np.float32) * 2
-    targets = rng.integers(0, 13, (4, 6))
-    mask = rng.random((4, 6)) < 0.6
+    logits, targets, mask = random_case(1, (4, 6), 13, 2.0, 0.6)
 
     def f(x):
         loss, nll, _ = cross_entropy(x, targets, mask, eps)

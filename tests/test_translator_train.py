@@ -2,11 +2,9 @@
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import jax
@@ -18,6 +16,7 @@ from jaxformer.checkpoint import Checkpoints, restore_pytree
 from jaxformer.translator import data
 from jaxformer.translator.config import TranslatorConfig, tiny
 from jaxformer.translator.train import Run
+from sigterm import sigterm_after_logging
 
 CFG = tiny().replace(log_every=4, eval_every=8)
 ROOT = Path(__file__).resolve().parents[1]
@@ -137,17 +136,7 @@ def test_sigterm_checkpoints_exits_zero_and_resumes(data_root, tmp_path):
     cmd = [sys.executable, "scripts/train_translator.py", "--data", str(data_root / "fra-eng" / "fra-eng.zip"),
            "--out", str(out), "--preset", "tiny", "--steps", "100000", "--set", "log_every=1",
            "--set", "eval_every=100000", "--no-progress"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, stderr=subprocess.PIPE,
-                            text=True)
-    metrics = out / "metrics.jsonl"
-    while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= 3):
-        assert proc.poll() is None, proc.stderr.read()
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate()
-    assert proc.returncode == 0, err
-    assert "SIGTERM: stopped after step" in err and "--resume" in err
-    step = int(err.split("stopped after step ")[1].split()[0])
+    step, _ = sigterm_after_logging(cmd, out, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert Checkpoints(out).latest_step() == step >= 3
     resumed = subprocess.run(cmd[:cmd.index("--steps")] + ["--steps", str(step + 2), "--resume", "--no-progress"],
                              cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True, text=True)
