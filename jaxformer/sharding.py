@@ -137,9 +137,11 @@ def put_batch(global_batch: np.ndarray, sharding: NamedSharding, batch_dim: int 
                                                   tuple(shape))
 
 
-def host_params(tree):
-    """Full values of a (possibly sharded) tree on this host, gathered across processes if needed."""
+def gathered(tree):
+    """The tree with every array whole on this process: the tree itself in one process (its arrays,
+    sharded or not, are all addressable here; nothing is copied), gathered across processes into
+    host arrays otherwise (a collective: every process must call it)."""
     if jax.process_count() == 1:
-        return jax.device_get(tree)
+        return tree
     from jax.experimental import multihost_utils
     return multihost_utils.process_allgather(tree, tiled=True)

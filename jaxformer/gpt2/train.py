@@ -259,13 +259,12 @@ def train(cfg: TrainConfig, out: str | Path, *, mesh: str | None = None, resume:
         return f"The last good checkpoint is step {last} in {ckpts.states} (continue with --resume)."
 
     def evaluate() -> dict:
-        sums = [eval_step(state.params, sh.put_batch(b, eval_sh)) for b in val_batches]
+        sums = jax.device_get([eval_step(state.params, sh.put_batch(b, eval_sh)) for b in val_batches])
         loss = sum(float(t) for t, _, _ in sums) / sum(float(n) for _, n, _ in sums)
         record = dict(step=step, val_loss=loss, val_ppl=math.exp(min(loss, 700.0)))
         if cfg.sample_tokens > 0:
-            params = sh.host_params(state.params)
-            new = generate(params, mcfg, [prompt], max_new_tokens=min(cfg.sample_tokens, mcfg.n_positions - len(prompt)),
-                           temperature=0.8, top_p=0.95, seed=step)[0]
+            new = generate(sh.gathered(state.params), mcfg, [prompt], temperature=0.8, top_p=0.95, seed=step,
+                           max_new_tokens=min(cfg.sample_tokens, mcfg.n_positions - len(prompt)))[0]
             record["sample"] = tok.decode(prompt + new)
         return record
 
@@ -329,7 +328,7 @@ def train(cfg: TrainConfig, out: str | Path, *, mesh: str | None = None, resume:
     else:
         if export_hf:
             from jaxformer.gpt2.hf import save_hf
-            params = sh.host_params(state.params)
+            params = jax.device_get(sh.gathered(state.params))
             if jax.process_index() == 0:
                 save_hf(export_hf, mcfg, params, tokenizer_dir=out)
                 print0(f"exported Hugging Face model to {export_hf}")

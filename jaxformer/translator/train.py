@@ -116,13 +116,12 @@ class Run:
 
     def evaluate(self, params, eval_step, put) -> dict:
         """Validation loss/NLL per target token, and greedy BLEU/chrF on the detokenised output."""
-        loss = nll = n = 0.0
-        for b in self.valid_batches.in_order():
-            l_, n_, aux = eval_step(params, put(b))
-            loss, nll, n = loss + float(l_), nll + float(aux["nll"]), n + float(n_)
+        sums = jax.device_get([eval_step(params, put(b)) for b in self.valid_batches.in_order()])
+        n = sum(float(k) for _, k, _ in sums)
+        loss, nll = sum(float(t) for t, _, _ in sums), sum(float(aux["nll"]) for _, _, aux in sums)
         with warnings.catch_warnings():  # sources truncated to max_len: expected, not news
             warnings.simplefilter("ignore")
-            hyps = TranslatorModel(self.cfg, sh.host_params(params), self.tok, batch_size=128).translate(
+            hyps = TranslatorModel(self.cfg, sh.gathered(params), self.tok, batch_size=128).translate(
                 [p[0] for p in self.bleu_pairs], beam_size=1)
         refs = [[p[1] for p in self.bleu_pairs]]
         return dict(val_loss=loss / n, val_nll=nll / n, bleu=sacrebleu.corpus_bleu(hyps, refs).score,
