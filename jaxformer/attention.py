@@ -22,8 +22,11 @@ class KVCache(NamedTuple):
     v: jax.Array
 
     @classmethod
-    def zeros(cls, batch: int, max_len: int, heads: int, head_dim: int, dtype=jnp.float32):
-        shape = (batch, heads, max_len, head_dim)
+    def zeros(cls, batch: int, max_len: int, heads: int, head_dim: int, dtype=jnp.float32,
+              layers: int | None = None) -> "KVCache":
+        """The one cache constructor: zeros ``[batch, heads, max_len, head_dim]``, stacked
+        ``[layers, ...]`` when ``layers`` is given (a model whose layers are scanned)."""
+        shape = (batch, heads, max_len, head_dim) if layers is None else (layers, batch, heads, max_len, head_dim)
         return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
 
     @classmethod

@@ -107,9 +107,10 @@ def _flat(x):  # [b, k, ...] -> [b*k, ...]
 
 
 def _gather_beams(tree, beam_idx, batch: int, beams_in: int):
-    """Selects beams ``beam_idx: int32[b, k]`` from every leaf shaped [b * beams_in, ...]."""
+    """Selects beams ``beam_idx: int32[b, k]`` from every leaf shaped [b * beams_in, ...] (scalar
+    leaves are shared by all rows and stay as they are)."""
     flat_idx = (jnp.arange(batch)[:, None] * beams_in + beam_idx).reshape(-1)
-    return jax.tree.map(lambda x: x[flat_idx], tree)
+    return jax.tree.map(lambda x: x[flat_idx] if x.ndim else x, tree)
 
 
 def beam_search(step_fn: StepFn, start_tokens, cache, *, beam_size: int, max_len: int, eos_id: int,
@@ -124,8 +125,9 @@ def beam_search(step_fn: StepFn, start_tokens, cache, *, beam_size: int, max_len
     row is done.
 
     start_tokens: int32[b] fed first (BOS). cache: pytree whose leaves have batch ``b`` as their
-      leading axis; it is repeated ``beam_size`` times and reordered with the beams, so everything
-      step_fn needs per row (e.g. the encoder output) belongs in it.
+      leading axis (or are scalars shared by all rows, e.g. the decoding position); it is repeated
+      ``beam_size`` times and reordered with the beams, so everything step_fn needs per row (e.g.
+      the encoder output) belongs in it.
     max_len: static number of output slots. limit: optional int32[b] or scalar, tokens allowed per
       row, 1 <= limit (capped at max_len); traced, so it does not recompile.
     Returns (int32[b, beam_size, max_len] best-first, float32[b, beam_size] scores = log p / penalty).
@@ -133,7 +135,7 @@ def beam_search(step_fn: StepFn, start_tokens, cache, *, beam_size: int, max_len
     """
     b, k = start_tokens.shape[0], beam_size
     limit = jnp.broadcast_to(jnp.minimum(jnp.asarray(max_len if limit is None else limit, jnp.int32), max_len), (b,))
-    cache = jax.tree.map(lambda x: jnp.repeat(x, k, axis=0), cache)
+    cache = jax.tree.map(lambda x: jnp.repeat(x, k, axis=0) if x.ndim else x, cache)
     state = dict(
         i=jnp.int32(0),
         last=jnp.repeat(start_tokens[:, None], k, axis=1).astype(jnp.int32),

@@ -15,6 +15,8 @@ import sys
 
 import jax
 
+from jaxformer.errors import InputError
+
 
 def _int(env, name) -> int:
     try:
@@ -56,12 +58,12 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
     explicit = (coordinator, num_processes, process_id)
     if any(v is not None for v in explicit):
         if any(v is None for v in explicit):
-            raise ValueError("give all of --coordinator HOST:PORT, --num-processes N, --process-id I")
+            raise InputError("give all of --coordinator HOST:PORT, --num-processes N, --process-id I")
         host, _, port = coordinator.rpartition(":")
         if not host or not port.isdigit():
-            raise ValueError(f"--coordinator {coordinator!r}: expected HOST:PORT")
+            raise InputError(f"--coordinator {coordinator!r}: expected HOST:PORT")
         if not 0 <= process_id < num_processes:
-            raise ValueError(f"--process-id {process_id} must lie in [0, {num_processes})")
+            raise InputError(f"--process-id {process_id} must lie in [0, {num_processes})")
         jax.distributed.initialize(coordinator, num_processes, process_id)
     else:
         env = os.environ if env is None else env

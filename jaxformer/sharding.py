@@ -15,6 +15,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from jaxformer.errors import InputError
+
 AXES = ("data", "fsdp")
 BATCH_AXES = AXES  # the batch dimension is split over every mesh axis
 
@@ -28,15 +30,15 @@ def parse_mesh(spec: str | None) -> dict[str, int]:
     for item in spec.split(","):
         name, sep, value = item.strip().partition("=")
         if not sep or name not in AXES:
-            raise ValueError(f"--mesh {spec!r}: expected items like data=4,fsdp=2 with axes {AXES}")
+            raise InputError(f"--mesh {spec!r}: expected items like data=4,fsdp=2 with axes {AXES}")
         try:
             sizes[name] = int(value)
         except ValueError:
-            raise ValueError(f"--mesh {spec!r}: size of {name!r} is not an integer") from None
+            raise InputError(f"--mesh {spec!r}: size of {name!r} is not an integer") from None
         if sizes[name] == 0 or sizes[name] < -1:
-            raise ValueError(f"--mesh {spec!r}: size of {name!r} must be positive or -1")
+            raise InputError(f"--mesh {spec!r}: size of {name!r} must be positive or -1")
     if list(sizes.values()).count(-1) > 1:
-        raise ValueError(f"--mesh {spec!r}: at most one axis may be -1")
+        raise InputError(f"--mesh {spec!r}: at most one axis may be -1")
     return sizes
 
 
@@ -52,13 +54,13 @@ def make_mesh(spec: str | None = None, devices=None) -> Mesh:
     for name, v in sizes.items():
         if v == -1:
             if len(devices) % known:
-                raise ValueError(f"--mesh {spec!r}: {len(devices)} devices are not divisible by {known}")
+                raise InputError(f"--mesh {spec!r}: {len(devices)} devices are not divisible by {known}")
             sizes[name] = len(devices) // known
     n = math.prod(sizes.values())
     if n > len(devices):
-        raise ValueError(f"--mesh {spec!r} needs {n} devices; there are {len(devices)}")
+        raise InputError(f"--mesh {spec!r} needs {n} devices; there are {len(devices)}")
     if n < len(devices) and jax.process_count() > 1:
-        raise ValueError(f"--mesh {spec!r} covers {n} of {len(devices)} devices; a multi-process mesh must cover all")
+        raise InputError(f"--mesh {spec!r} covers {n} of {len(devices)} devices; a multi-process mesh must cover all")
     shape = tuple(sizes[a] for a in AXES)
     return jax.make_mesh(shape, AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(AXES), devices=devices[:n])
 
@@ -68,11 +70,9 @@ def batch_size_divisor(mesh: Mesh) -> int:
     return math.prod(mesh.shape[a] for a in BATCH_AXES)
 
 
-def batch_sharding(mesh: Mesh, batch_dim: int = 0, ndim: int = 2) -> NamedSharding:
-    """Splits dimension ``batch_dim`` of an ``ndim``-dimensional batch array over all mesh axes."""
-    spec = [None] * ndim
-    spec[batch_dim] = BATCH_AXES
-    return NamedSharding(mesh, P(*spec))
+def batch_sharding(mesh: Mesh, batch_dim: int = 0) -> NamedSharding:
+    """Splits dimension ``batch_dim`` of batch arrays (of any rank above it) over all mesh axes."""
+    return NamedSharding(mesh, P(*([None] * batch_dim), BATCH_AXES))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
@@ -119,7 +119,7 @@ def local_rows(sharding: NamedSharding, global_shape: tuple[int, ...], batch_dim
              for s in sharding.addressable_devices_indices_map(global_shape).values()}
     lo, hi = min(a for a, _ in spans), max(b for _, b in spans)
     if sum(b - a for a, b in spans) != hi - lo:
-        raise ValueError(f"this process's batch rows are not contiguous: {sorted(spans)}")
+        raise InputError(f"this process's batch rows are not contiguous: {sorted(spans)}")
     return slice(lo, hi)
 
 

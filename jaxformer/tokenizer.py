@@ -1,13 +1,33 @@
-"""GPT-2 byte-level BPE through Hugging Face ``tokenizers`` (the library behind GPT2TokenizerFast)."""
+"""Byte-level BPE through Hugging Face ``tokenizers``: the GPT-2 tokenizer (shipped with the
+package), and the one BPE trainer both models use for vocabularies learnt from their data."""
 
 import shutil
 from pathlib import Path
 
-from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+from jaxformer.errors import InputError
 
 # Files of a HF tokenizer directory, copied along with a model.
 TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json")
 EOS = "<|endoftext|>"
+GPT2_DIR = Path(__file__).parent / "assets" / "gpt2-tokenizer"  # OpenAI's GPT-2 BPE (MIT), HF layout
+
+
+def train_bpe(texts, vocab_size: int, special_tokens: list[str], *, add_prefix_space: bool = False,
+              nfc: bool = False) -> Tokenizer:
+    """A byte-level BPE learnt from ``texts`` (an iterable of strings); ``special_tokens`` take ids
+    0, 1, ... in order. Every byte is in the base alphabet, so any text encodes, also characters
+    never seen in training, and decoding gives it back. ``nfc``: NFC-normalise first."""
+    tok = Tokenizer(models.BPE())
+    if nfc:
+        tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=add_prefix_space)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special_tokens, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer)
+    return tok
 
 
 class GPT2Tokenizer:
@@ -21,19 +41,27 @@ class GPT2Tokenizer:
         self.eos_id = tokenizer.token_to_id(EOS)
 
     @classmethod
+    def gpt2(cls) -> "GPT2Tokenizer":
+        """OpenAI's GPT-2 tokenizer, from the copy inside the package."""
+        return cls.from_dir(GPT2_DIR)
+
+    @classmethod
     def from_dir(cls, path: str | Path) -> "GPT2Tokenizer":
         """Reads ``tokenizer.json``, or else ``vocab.json`` + ``merges.txt``, from ``path``."""
         path = Path(path)
-        if (path / "tokenizer.json").is_file():
-            return cls(Tokenizer.from_file(str(path / "tokenizer.json")))
-        if (path / "vocab.json").is_file() and (path / "merges.txt").is_file():
-            bpe = models.BPE.from_file(str(path / "vocab.json"), str(path / "merges.txt"))
-            tok = Tokenizer(bpe)
-            tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-            tok.decoder = decoders.ByteLevel()
-            tok.add_special_tokens([AddedToken(EOS, special=True)])
-            return cls(tok)
-        raise FileNotFoundError(f"{path}: no tokenizer.json, nor vocab.json + merges.txt")
+        try:
+            if (path / "tokenizer.json").is_file():
+                return cls(Tokenizer.from_file(str(path / "tokenizer.json")))
+            if (path / "vocab.json").is_file() and (path / "merges.txt").is_file():
+                bpe = models.BPE.from_file(str(path / "vocab.json"), str(path / "merges.txt"))
+                tok = Tokenizer(bpe)
+                tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+                tok.decoder = decoders.ByteLevel()
+                tok.add_special_tokens([AddedToken(EOS, special=True)])
+                return cls(tok)
+        except Exception as e:  # tokenizers raises bare Exception on malformed files
+            raise InputError(f"{path}: unreadable tokenizer files ({e})") from None
+        raise InputError(f"{path}: no tokenizer.json, nor vocab.json + merges.txt")
 
     @property
     def vocab_size(self) -> int:

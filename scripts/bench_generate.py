@@ -8,77 +8,32 @@ step reads, divided by the time per step, as a fraction of a copy bandwidth meas
 (STREAM convention: bytes read + written per second).
 """
 
-import argparse
 import json
-import os
-import platform
-import statistics
-import threading
+import sys
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-
-def device_name() -> str:
-    d = jax.devices()[0]
-    if d.platform == "cpu":
-        model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-                     platform.processor())
-        return f"cpu: {model} ({os.cpu_count()} cores)"
-    return f"{d.platform}: {d.device_kind}"
+from jaxformer import cli
+from jaxformer.benchmark import STATISTIC, best_times, copy_bandwidth, device_name, write_json
 
 
-def copy_bandwidth(nbytes: int = 1 << 29) -> tuple[float, float]:
-    """(all-threads, one-thread) bytes/s of a large array copy, counting bytes read + written.
-
-    On the CPU the copy runs on ``os.cpu_count()`` threads (numpy releases the GIL); on a GPU it is
-    a jitted device copy.
-    """
-    if jax.devices()[0].platform != "cpu":
-        x = jnp.ones(nbytes // 4, jnp.float32)
-        copy = jax.jit(lambda a: a + 0.0)
-        copy(x).block_until_ready()
-        t = min(timed(lambda: copy(x).block_until_ready(), 1) for _ in range(5))
-        return 2 * nbytes / t, float("nan")
-    src = np.ones(nbytes // 4, np.float32)
-    dst = np.empty_like(src)
-
-    def copy(threads):
-        edges = np.linspace(0, len(src), threads + 1).astype(int)
-        pool = [threading.Thread(target=np.copyto, args=(dst[a:b], src[a:b])) for a, b in zip(edges, edges[1:])]
-        for th in pool:
-            th.start()
-        for th in pool:
-            th.join()
-
-    many = min(timed(lambda: copy(os.cpu_count()), 1) for _ in range(5))
-    one = min(timed(lambda: copy(1), 1) for _ in range(5))
-    return 2 * nbytes / many, 2 * nbytes / one
-
-
-def timed(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
-
-
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--preset", default="gpt2")
-    ap.add_argument("--batch", type=int, nargs="+", default=[1, 8])
+def main(argv=None) -> int:
+    ap = cli.parser(__doc__)
+    ap.add_argument("--preset", default="gpt2", help="GPT-2 size (random weights)")
+    ap.add_argument("--batch", type=cli.at_least(1), nargs="+", default=[1, 8])
     ap.add_argument("--dtype", nargs="+", default=["float32"], choices=["float32", "bfloat16"])
-    ap.add_argument("--prompt-len", type=int, default=32)
-    ap.add_argument("--new-tokens", type=int, default=128)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--prompt-len", type=cli.at_least(1), default=32)
+    ap.add_argument("--new-tokens", type=cli.at_least(1), default=128)
+    ap.add_argument("--repeats", type=cli.at_least(1), default=3, help="timed passes per side, interleaved")
     ap.add_argument("--no-hf", action="store_true", help="skip the PyTorch baseline")
     ap.add_argument("--json", help="write results here")
     args = ap.parse_args(argv)
+    return cli.run(lambda: bench(args), args.debug)
 
+
+def bench(args) -> int:
     import torch
     import transformers
 
@@ -113,13 +68,7 @@ def main(argv=None):
             out = run()
             first_call = time.perf_counter() - start
             assert all(len(o) == args.new_tokens for o in out)
-            jf_s = timed(run, args.repeats)
-            compile_s = first_call - jf_s
-            jf_tok_s = b * args.new_tokens / jf_s
-            step_s = jf_s / args.new_tokens
-            case = dict(batch=b, dtype=dtype, prompt_len=args.prompt_len, new_tokens=args.new_tokens,
-                        jaxformer_tok_s=jf_tok_s, compile_s=compile_s, jaxformer_s=jf_s,
-                        roofline_fraction=weight_bytes / step_s / bw)
+            fns = {"jaxformer": run}
             if not args.no_hf:
                 ids = torch.tensor(prompts, device=tdev)
 
@@ -132,9 +81,15 @@ def main(argv=None):
                         torch.cuda.synchronize()
                     return hf_out
 
-                hf_run()  # warm-up
-                hf_s = timed(hf_run, args.repeats)
-                case.update(hf_tok_s=b * args.new_tokens / hf_s, hf_s=hf_s, speedup=hf_s / jf_s)
+                fns["hf"] = hf_run
+            t = best_times(fns, args.repeats)
+            jf_s = t["jaxformer"]
+            step_s = jf_s / args.new_tokens
+            case = dict(batch=b, dtype=dtype, prompt_len=args.prompt_len, new_tokens=args.new_tokens,
+                        jaxformer_tok_s=b * args.new_tokens / jf_s, compile_s=first_call - jf_s, jaxformer_s=jf_s,
+                        roofline_fraction=weight_bytes / step_s / bw)
+            if "hf" in t:
+                case.update(hf_tok_s=b * args.new_tokens / t["hf"], hf_s=t["hf"], speedup=t["hf"] / jf_s)
             cases.append(case)
             print(json.dumps(case))
 
@@ -143,14 +98,11 @@ def main(argv=None):
     for c in cases:
         print(f"{c['batch']:>5} {c['dtype']:>9} {c['jaxformer_tok_s']:>16.1f} {c.get('hf_tok_s', float('nan')):>9.1f} "
               f"{c.get('speedup', float('nan')):>7.2f}x {c['compile_s']:>10.2f} {c['roofline_fraction']:>8.0%}")
-    result = dict(device=device, copy_bandwidth_gb_s=bw / 1e9, copy_bandwidth_one_thread_gb_s=bw_one / 1e9, jax=jax.__version__, torch=torch.__version__,
-                  preset=args.preset, cases=cases)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
-        print(f"wrote {args.json}")
-    return result
+    print(f"timing: {STATISTIC}")
+    write_json(args.json, dict(device=device, copy_bandwidth_gb_s=bw / 1e9, copy_bandwidth_one_thread_gb_s=bw_one / 1e9,
+                               jax=jax.__version__, torch=torch.__version__, preset=args.preset, cases=cases))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -14,15 +14,17 @@ so that a change of load on the machine hits both alike; the best pass counts. M
 ``flops_per_token`` and the device's peak (table for GPUs/TPUs, measured matmul for the CPU).
 """
 
-import argparse
-import json
 import math
 import os
-import time
+import sys
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # leave PyTorch its share of a GPU
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
+
+from jaxformer import cli  # noqa: E402
+from jaxformer.benchmark import STATISTIC, best_times, device_name, write_json  # noqa: E402
+from jaxformer.errors import InputError  # noqa: E402
 
 
 def bench_jax(batch: int, seq: int, dtype: str, dropout: float, scan: bool, warmup: int):
@@ -31,16 +33,17 @@ def bench_jax(batch: int, seq: int, dtype: str, dropout: float, scan: bool, warm
     from jaxformer import sharding as sh
     from jaxformer.gpt2.config import preset
     from jaxformer.gpt2.model import init_params
-    from jaxformer.gpt2.train import TrainConfig, make_loss_fn, make_optimizer
-    from jaxformer.training import TrainState, init_state, make_train_step
+    from jaxformer.gpt2.train import LMTrainConfig, make_loss_fn
+    from jaxformer.training import TrainState, init_state, make_optimizer, make_schedule, make_train_step
 
     config = preset("gpt2", dtype=dtype, resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout,
                     scan_layers=scan)
-    optimizer, _ = make_optimizer(TrainConfig(data=(), lr=3e-4, warmup=10, steps=1000))
+    cfg = LMTrainConfig(lr=3e-4, warmup=10, steps=1000, schedule_steps=1000)
+    optimizer = make_optimizer(cfg, make_schedule(cfg))
     mesh = sh.make_mesh("data=1", jax.devices()[:1])
     create = lambda key: TrainState.create(init_params(config, key), optimizer, key)  # noqa: E731
     state, state_sh = init_state(create, jax.random.PRNGKey(0), mesh)
-    batch_sh = sh.batch_sharding(mesh, batch_dim=0, ndim=2)
+    batch_sh = sh.batch_sharding(mesh, batch_dim=0)
     step = make_train_step(make_loss_fn(config), optimizer, state_shardings=state_sh, batch_sharding=batch_sh)
     rng = np.random.default_rng(0)
     batches = [sh.put_batch(rng.integers(0, config.vocab_size, (batch, seq + 1), dtype=np.int32), batch_sh)
@@ -95,50 +98,44 @@ def bench_torch(batch: int, seq: int, dropout: float, warmup: int):
     return run, setup
 
 
-def best_tok_s(runs: dict, steps: int, tokens_per_step: int, repeats: int) -> dict:
-    """Tokens per second of each ``run`` over its best of ``repeats`` interleaved passes."""
-    best = dict.fromkeys(runs, math.inf)
-    for _ in range(repeats):
-        for name, run in runs.items():
-            t = time.perf_counter()
-            run(steps)
-            best[name] = min(best[name], time.perf_counter() - t)
-    return {name: steps * tokens_per_step / t for name, t in best.items()}
-
-
-def main():
-    from jaxformer.gpt2.config import preset
-    from jaxformer.gpt2.train import flops_per_token, peak_flops
-
+def main(argv=None) -> int:
     on_cpu = jax.devices()[0].platform == "cpu"
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--batch-size", type=int, default=1 if on_cpu else 16)
-    ap.add_argument("--seq-len", type=int, default=1024)
+    ap = cli.parser(__doc__)
+    ap.add_argument("--batch-size", type=cli.at_least(1), default=1 if on_cpu else 16)
+    ap.add_argument("--seq-len", type=cli.at_least(1), default=1024)
     ap.add_argument("--dtype", default="float32" if on_cpu else "bfloat16", choices=["float32", "bfloat16"])
-    ap.add_argument("--dropout", type=float, default=0.1, help="GPT-2's 0.1 by default, on both sides")
-    ap.add_argument("--warmup", type=int, default=1 if on_cpu else 3)
-    ap.add_argument("--steps", type=int, default=3 if on_cpu else 20, help="steps per timed pass")
-    ap.add_argument("--repeats", type=int, default=2, help="timed passes per side, interleaved; the best counts")
-    ap.add_argument("--layers", default="scan",
+    ap.add_argument("--dropout", type=cli.number_in(0, 0.99), default=0.1, help="GPT-2's 0.1 by default, on both sides")
+    ap.add_argument("--warmup", type=cli.at_least(1), default=1 if on_cpu else 3)
+    ap.add_argument("--steps", type=cli.at_least(1), default=3 if on_cpu else 20, help="steps per timed pass")
+    ap.add_argument("--repeats", type=cli.at_least(1), default=2, help="timed passes per side, interleaved")
+    ap.add_argument("--layers", default="scan", choices=["scan", "unrolled", "scan,unrolled", "unrolled,scan"],
                     help="jaxformer cases: scan (nn.scan, the trainer's default) and/or unrolled")
     ap.add_argument("--no-torch", action="store_true", help="jaxformer only")
     ap.add_argument("--json", metavar="PATH")
-    args = ap.parse_args()
-    if not set(args.layers.split(",")) <= {"scan", "unrolled"}:
-        ap.error(f"--layers {args.layers}: use scan, unrolled or both")
+    args = ap.parse_args(argv)
+    return cli.run(lambda: bench(args), args.debug)
 
+
+def bench(args) -> int:
+    from jaxformer.flops import gpt2_flops_per_token, peak_flops
+    from jaxformer.gpt2.config import preset
+
+    if args.seq_len > 1024:
+        raise InputError(f"--seq-len {args.seq_len}: GPT-2 124M has 1024 positions")
     device = jax.devices()[0]
     peak, peak_src = peak_flops(device, args.dtype)
-    fpt = flops_per_token(preset("gpt2"), args.seq_len)
+    fpt = gpt2_flops_per_token(preset("gpt2"), args.seq_len)
     runs, torch_setup = {}, "skipped"
     if not args.no_torch:
         runs["torch"], torch_setup = bench_torch(args.batch_size, args.seq_len, args.dropout, args.warmup)
     for layers in args.layers.split(","):
         runs[layers] = bench_jax(args.batch_size, args.seq_len, args.dtype, args.dropout, layers == "scan",
                                  args.warmup)
-    tok_s = best_tok_s(runs, args.steps, args.batch_size * args.seq_len, args.repeats)
+    seconds = best_times({name: (lambda r=run: r(args.steps)) for name, run in runs.items()}, args.repeats,
+                         warmup=False)
+    tok_s = {name: args.steps * args.batch_size * args.seq_len / t for name, t in seconds.items()}
     torch_tok_s = tok_s.get("torch", float("nan"))
-    print(f"device: {device.device_kind}; peak {peak:.3g} FLOP/s ({peak_src}); {fpt:.3g} FLOPs/token")
+    print(f"device: {device_name()}; peak {peak:.3g} FLOP/s ({peak_src}); {fpt:.3g} FLOPs/token")
     print(f"{'case':<84} {'jaxformer tok/s':>15} {'pytorch tok/s':>14} {'speedup':>8} {'MFU':>7}")
     cases = []
     for layers in args.layers.split(","):
@@ -154,12 +151,10 @@ def main():
         cases.append(case)
         print(f"{name:<84} {jax_tok_s:>15.1f} {torch_tok_s:>14.1f} {jax_tok_s / torch_tok_s:>8.2f} "
               f"{jax_tok_s * fpt / peak:>7.2%}")
-    print(f"pytorch: {torch_setup}")
-    result = dict(device=device.device_kind, cases=cases)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=2)
+    print(f"pytorch: {torch_setup}; timing: {STATISTIC}")
+    write_json(args.json, dict(device=device_name(), cases=cases))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -13,18 +13,19 @@ Without --model, the weights are random (the tokenizer is trained on the trainin
 runs to the length limit in both implementations.
 """
 
-import argparse
 import dataclasses
-import json
-import time
+import sys
 import warnings
+from pathlib import Path
 
 import jax
 import numpy as np
 import torch
 
-from jaxformer.schedules import noam
-from jaxformer.training import TrainState, make_optimizer, make_train_step
+from jaxformer import cli
+from jaxformer.benchmark import STATISTIC, best_times, device_name, write_json
+from jaxformer.errors import InputError
+from jaxformer.training import TrainState, make_optimizer, make_schedule, make_train_step
 from jaxformer.translator import data as tdata
 from jaxformer.translator import tokenizer as tk
 from jaxformer.translator.batching import Batcher, pad_sources
@@ -32,27 +33,16 @@ from jaxformer.translator.config import PRESETS, preset
 from jaxformer.translator.decode import TranslatorModel, output_len
 from jaxformer.translator.model import init_params
 from jaxformer.translator.torch_model import from_flax
-from jaxformer.translator.train import make_loss_fn
+from jaxformer.translator.train import TranslationTrainConfig, make_loss_fn
 
 
-def timed(fns: dict, repeats: int) -> dict:
-    """Best wall time of ``repeats`` calls of each function, interleaved so that a load change on
-    the machine hits every contender alike."""
-    best = dict.fromkeys(fns, float("inf"))
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            t = time.perf_counter()
-            fn()
-            best[name] = min(best[name], time.perf_counter() - t)
-    return best
-
-
-def bench_train(cfg, params, batches, repeats):
-    """Target (non-PAD) tokens per second over ``batches`` for JAX and PyTorch."""
+def bench_train(cfg, run, params, batches, repeats):
+    """Target (non-PAD) tokens per second over ``batches`` for JAX and PyTorch (model config
+    ``cfg``, run config ``run``: AdamW with the Noam schedule, label smoothing)."""
     tokens = sum(int((b.tgt_out != tk.PAD_ID).sum()) for b in batches)
-    schedule = noam(cfg.d_model, cfg.warmup_steps, cfg.lr)
-    opt = make_optimizer(schedule, name="adamw", weight_decay=cfg.weight_decay)
-    step = make_train_step(make_loss_fn(cfg), opt)
+    schedule = make_schedule(run, cfg.d_model)
+    opt = make_optimizer(run, schedule)
+    step = make_train_step(make_loss_fn(cfg, run.label_smoothing), opt)
     dicts = [dict(src=b.src, tgt_in=b.tgt_in, tgt_out=b.tgt_out) for b in batches]
     box = [TrainState.create(params, opt, jax.random.PRNGKey(0))]
 
@@ -62,7 +52,8 @@ def bench_train(cfg, params, batches, repeats):
         jax.block_until_ready(box[0])
 
     model = from_flax(params, cfg).train()
-    topt = torch.optim.AdamW(model.parameters(), lr=1.0, betas=(0.9, 0.98), eps=1e-9, weight_decay=cfg.weight_decay)
+    topt = torch.optim.AdamW(model.parameters(), lr=1.0, betas=(run.b1, run.b2), eps=run.eps,
+                             weight_decay=run.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(topt, lambda s: float(schedule(s)))
     tb = [tuple(torch.from_numpy(x).long() for x in (b.src, b.tgt_in, b.tgt_out)) for b in batches]
 
@@ -70,15 +61,13 @@ def bench_train(cfg, params, batches, repeats):
         for src, tgt_in, tgt_out in tb:
             logits = model(src, tgt_in)
             loss = torch.nn.functional.cross_entropy(logits.reshape(-1, cfg.vocab_size), tgt_out.reshape(-1),
-                                                     ignore_index=tk.PAD_ID, label_smoothing=cfg.label_smoothing)
+                                                     ignore_index=tk.PAD_ID, label_smoothing=run.label_smoothing)
             topt.zero_grad(set_to_none=True)
             loss.backward()
             topt.step()
             sched.step()
 
-    run_jax()  # compile
-    run_torch()
-    t = timed(dict(jax=run_jax, torch=run_torch), repeats)
+    t = best_times(dict(jax=run_jax, torch=run_torch), repeats)
     return tokens / t["jax"], tokens / t["torch"]
 
 
@@ -98,21 +87,25 @@ def bench_translate(cfg, params, tok, sentences, repeats):
            "torch": run_torch}
     outputs = {k: fn() for k, fn in fns.items()}  # compiles
     same = np.mean([a == b for a, b in zip(outputs["torch"], outputs[1])])
-    return {k: len(sentences) / t for k, t in timed(fns, repeats).items()}, same
+    return {k: len(sentences) / t for k, t in best_times(fns, repeats, warmup=False).items()}, same
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv=None) -> int:
+    ap = cli.parser(__doc__)
     ap.add_argument("--model", help="trained model directory (default: random weights, --preset config)")
     ap.add_argument("--preset", default="default", choices=sorted(PRESETS))
-    ap.add_argument("--data", help="fra-eng.zip (default: $JAXFORMER_DATA, see train_translator.py)")
-    ap.add_argument("--train-batches", type=int, default=8, help="batches per timed training pass")
-    ap.add_argument("--bucket", type=int, default=16, help="padded length of the training batches")
-    ap.add_argument("--sentences", type=int, default=256)
-    ap.add_argument("--repeats", type=int, default=2, help="timed passes; the best counts")
-    ap.add_argument("--threads", type=int, default=0, help="torch threads (default: all cores)")
+    ap.add_argument("--data", help="fra-eng.zip (default: the fra-eng data set, see train_translator.py)")
+    ap.add_argument("--train-batches", type=cli.at_least(1), default=8, help="batches per timed training pass")
+    ap.add_argument("--bucket", type=cli.at_least(1), default=16, help="padded length of the training batches")
+    ap.add_argument("--sentences", type=cli.at_least(1), default=256)
+    ap.add_argument("--repeats", type=cli.at_least(1), default=2, help="timed passes, interleaved")
+    ap.add_argument("--threads", type=cli.at_least(0), default=0, help="torch threads (default: all cores)")
     ap.add_argument("--json", help="write the results here")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
+    return cli.run(lambda: bench(args), args.debug)
+
+
+def bench(args) -> int:
     warnings.filterwarnings("ignore", module="torch")
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -126,12 +119,17 @@ def main():
         tok = tk.train_tokenizer([p[i] for p in splits["train"] for i in (0, 1)], cfg.vocab_size)
         params = init_params(cfg, jax.random.PRNGKey(0))
     params = jax.device_get(params)
+    if args.model and (Path(args.model) / "run.json").is_file():
+        run = TranslationTrainConfig.load(Path(args.model) / "run.json")
+    else:
+        run = TranslationTrainConfig(**{**PRESETS[args.preset][1], "steps": 1})
+    if args.bucket not in run.buckets:
+        raise InputError(f"--bucket {args.bucket}: choose one of the padded lengths {run.buckets}")
 
     train = splits["train"]
     batcher = Batcher(tk.encode(tok, [p[0] for p in train]), tk.encode(tok, [p[1] for p in train]),
-                      cfg.buckets, cfg.batch_tokens, cfg.max_batch_sentences)
-    bucket = cfg.buckets.index(args.bucket)
-    batches = [b for b in batcher.epoch(cfg.seed, 0) if b.src.shape[1] == cfg.buckets[bucket]][:args.train_batches]
+                      run.buckets, run.batch_tokens, run.max_batch_sentences)
+    batches = [b for b in batcher.epoch(run.seed, 0) if b.src.shape[1] == args.bucket][:args.train_batches]
     test = splits["test"]
     sentences = [p[0] for p in test[::max(1, len(test) // args.sentences)][:args.sentences]]
 
@@ -139,7 +137,7 @@ def main():
           f"d_ff {cfg.d_ff}, vocab {cfg.vocab_size}; weights: {'trained ' + args.model if args.model else 'random'}; "
           f"jax {jax.__version__} on {jax.devices()[0].platform}, torch {torch.__version__} "
           f"with {torch.get_num_threads()} threads")
-    jax_tps, torch_tps = bench_train(cfg, params, batches, args.repeats)
+    jax_tps, torch_tps = bench_train(cfg, run, params, batches, args.repeats)
     sps, same = bench_translate(cfg, params, tok, sentences, args.repeats)
     rows, (b_rows, b_len) = [], batches[0].src.shape
     cases = [
@@ -154,12 +152,11 @@ def main():
         rows.append(f"{c['name']:<44} {c['jaxformer']:>12.1f} {c['pytorch']:>12.1f} {c['speedup']:>8.2f}x  {c['unit']}")
     print(f"{'case':<44} {'jaxformer':>12} {'pytorch':>12} {'speedup':>9}")
     print("\n".join(rows))
-    print(f"greedy outputs identical to the PyTorch book decoder: {same:.1%}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(dict(cases=cases, greedy_agreement=same, config=dataclasses.asdict(cfg), model=args.model),
-                      f, indent=1)
+    print(f"greedy outputs identical to the PyTorch book decoder: {same:.1%}; timing: {STATISTIC}")
+    write_json(args.json, dict(device=device_name(), cases=cases, greedy_agreement=same,
+                               config=dataclasses.asdict(cfg), model=args.model))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

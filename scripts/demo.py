@@ -4,38 +4,43 @@ Builds a random-weight GPT-2 with transformers, converts it to jaxformer, checks
 PyTorch, generates with greedy and nucleus sampling, converts back to Hugging Face format and
 reloads it with ``GPT2LMHeadModel.from_pretrained``.
 
-    JAXFORMER_DATA=../shared/data python scripts/demo.py [--preset gpt2] [--out DIR]
+    python scripts/demo.py [--preset gpt2] [--out DIR]
 """
 
-import argparse
+import sys
 import tempfile
 import time
 from pathlib import Path
 
-import jax
-import numpy as np
-
-from jaxformer.gpt2 import hf
-from jaxformer.gpt2.config import preset
-from jaxformer.gpt2.generate import generate
-from jaxformer.gpt2.model import GPT2
-from jaxformer.gpt2.pretrained import load_pretrained, save_pretrained
-from jaxformer.paths import data_dir
+from jaxformer import cli
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv=None) -> int:
+    ap = cli.parser(__doc__)
     ap.add_argument("--preset", default="gpt2", help="GPT-2 size to build with random weights")
     ap.add_argument("--out", help="keep the converted checkpoints here (default: a temporary directory)")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
+    return cli.run(lambda: demo(args), args.debug)
 
+
+def demo(args) -> int:
+    import jax
+    import numpy as np
     import torch
     import transformers
 
-    out = Path(args.out or tempfile.mkdtemp(prefix="jaxformer-demo-"))
-    tokenizer_dir = data_dir() / "gpt2-tokenizer"
+    from jaxformer.gpt2 import hf
+    from jaxformer.gpt2.config import preset
+    from jaxformer.gpt2.generate import generate
+    from jaxformer.gpt2.model import GPT2
+    from jaxformer.gpt2.pretrained import load_pretrained, save_pretrained
+    from jaxformer.tokenizer import GPT2_DIR
+
+    config = preset(args.preset)
+    out = Path(cli.check_output(args.out) if args.out else tempfile.mkdtemp(prefix="jaxformer-demo-"))
+    tokenizer_dir = GPT2_DIR
     torch.manual_seed(0)
-    hf_config = transformers.GPT2Config(**preset(args.preset).to_hf_dict())
+    hf_config = transformers.GPT2Config(**config.to_hf_dict())
     model = transformers.GPT2LMHeadModel(hf_config).eval()
     model.save_pretrained(out / "hf")
     print(f"1. random-weight HF {args.preset} saved to {out / 'hf'}")
@@ -64,7 +69,8 @@ def main():
     back = transformers.GPT2LMHeadModel.from_pretrained(out / "hf-back").eval()
     same = all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), back.state_dict().values()))
     print(f"5. converted back to HF at {out / 'hf-back'}; from_pretrained gives identical tensors: {same}")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -3,43 +3,49 @@
     python scripts/translate.py --model runs/tr "How are you?" "I like cheese."
     python scripts/translate.py --model runs/tr --beam 4 --input en.txt --output fr.txt
 
-Files hold one sentence per line (UTF-8); the output keeps the order and line count, an empty line
-stays empty, and a line too long for the model is truncated with a warning on stderr.
+Files hold one sentence per line (UTF-8; invalid bytes are replaced, with a warning naming the
+line); the output keeps the order and line count, an empty line stays empty, and a line too long
+for the model is truncated with a warning on stderr. --output must not exist (or --overwrite).
 """
 
-import argparse
 import sys
-import warnings
 
-from jaxformer.translator.decode import TranslatorModel
+from jaxformer import cli
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv=None) -> int:
+    ap = cli.parser(__doc__)
     ap.add_argument("--model", required=True, help="output directory of train_translator.py")
-    ap.add_argument("--beam", type=int, help="beam size; 1 = greedy (default: the model's, 4)")
-    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--beam", type=cli.at_least(1), default=4, help="beam size; 1 = greedy")
+    ap.add_argument("--length-alpha", type=cli.number_in(0, 10), default=0.6, help="GNMT length penalty exponent")
+    ap.add_argument("--batch-size", type=cli.at_least(1), default=64, help="sentences decoded together")
     ap.add_argument("--input", help="file with one English sentence per line")
     ap.add_argument("--output", help="file for the translations (default: stdout)")
+    ap.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     ap.add_argument("sentences", nargs="*")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     if bool(args.input) == bool(args.sentences):
         ap.error("give sentences or --input FILE (not both)")
-    if args.input:
-        with open(args.input, encoding="utf-8") as f:
-            sentences = f.read().splitlines()
-    else:
-        sentences = args.sentences
-    warnings.simplefilter("always")
-    warnings.showwarning = lambda msg, *a, **k: print(f"warning: {msg}", file=sys.stderr)
-    out = TranslatorModel.load(args.model, batch_size=args.batch_size).translate(sentences, beam_size=args.beam)
+    return cli.run(lambda: run(args), args.debug)
+
+
+def run(args) -> int:
+    from jaxformer.textfile import read_lines
+    from jaxformer.translator.decode import TranslatorModel
+
+    if args.output:
+        cli.check_output(args.output, args.overwrite)
+    sentences = read_lines(args.input) if args.input else args.sentences
+    model = TranslatorModel.load(args.model, batch_size=args.batch_size)
+    out = model.translate(sentences, beam_size=args.beam, alpha=args.length_alpha)
     text = "".join(line + "\n" for line in out)
     if args.output:
         with open(args.output, "w", encoding="utf-8") as f:
             f.write(text)
     else:
         sys.stdout.write(text)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,17 +1,21 @@
 """Shared fixtures: random-weight Hugging Face GPT-2 models saved with save_pretrained, and data paths.
 
 Data come from ``$JAXFORMER_DATA`` (``.ci/run`` sets ``../shared/data``); when it is missing the
-tests that need it fail with a message instead of skipping.
+tests that need it fail with a message instead of skipping. Scripts are importable as modules
+(``scripts/`` is on the path), so tests call their ``main(argv)`` in-process.
 """
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 import transformers
 
-from jaxformer.paths import data_dir
+from jaxformer.datasets import DATA_ENV, data_root as find_data_root
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 
 # name -> GPT2Config kwargs. "real" is the 124M shape; "flags" exercises the non-default options.
 HF_CONFIGS = {
@@ -49,7 +53,9 @@ def hf_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def data_root() -> Path:
-    return data_dir()
+    root = find_data_root()
+    assert root is not None, f"set {DATA_ENV} to the data directory (.ci/run sets ../shared/data)"
+    return root
 
 
 @pytest.fixture(scope="session")

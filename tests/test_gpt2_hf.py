@@ -12,7 +12,8 @@ from safetensors.numpy import load_file
 
 from jaxformer.gpt2 import hf
 from jaxformer.gpt2.generate import generate
-from jaxformer.gpt2.model import GPT2, init_cache
+from jaxformer.attention import KVCache
+from jaxformer.gpt2.model import GPT2
 from jaxformer.gpt2.pretrained import load_pretrained, save_pretrained
 
 
@@ -59,7 +60,7 @@ def test_cached_decoding_matches_uncached_hf(hf_dir, name):
     config, params, _ = load_pretrained(path)
     ids = random_ids(config, (2, 16), seed=1)
     apply = jax.jit(lambda p, x, c, i: GPT2(config).apply({"params": p}, x, cache=c, index=i))
-    cache = init_cache(config, 2, 16)
+    cache = KVCache.zeros(2, 16, config.n_head, config.head_dim, layers=config.n_layer)
     logits, cache = apply(params, ids[:, :10], cache, 0)
     steps = [logits]
     for i in range(10, 16):

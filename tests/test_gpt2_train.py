@@ -7,6 +7,7 @@ their own process (8 virtual devices, 2 processes, signals) are subprocesses, ke
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -21,12 +22,14 @@ import optax
 import pytest
 from hypothesis import given, settings, strategies as st
 
+import train_gpt2
 from jaxformer.checkpoint import Checkpoints
+from jaxformer.flops import gpt2_flops_per_token
 from jaxformer.gpt2 import data as gdata
 from jaxformer.gpt2.config import GPT2Config, preset
 from jaxformer.gpt2.model import GPT2, init_params
-from jaxformer.gpt2.train import TrainConfig, flops_per_token, make_loss_fn, make_optimizer
-from jaxformer.training import decay_mask
+from jaxformer.gpt2.train import LMTrainConfig, make_loss_fn
+from jaxformer.training import decay_mask, make_optimizer, make_schedule
 from sigterm import sigterm_after_logging
 
 REPO = Path(__file__).resolve().parents[1]
@@ -48,14 +51,7 @@ def cli(corpus, out, *extra) -> list[str]:
     return ["--data", str(corpus), "--out", str(out), *FLAGS, *extra]
 
 
-def main(argv) -> int:
-    """scripts/train_gpt2.py's main, in this process."""
-    sys.path.insert(0, str(REPO / "scripts"))
-    try:
-        import train_gpt2
-    finally:
-        sys.path.pop(0)
-    return train_gpt2.main(argv)
+main = train_gpt2.main  # scripts/train_gpt2.py's main, in this process
 
 
 def losses(path: Path) -> dict[int, float]:
@@ -111,8 +107,9 @@ def np_adamw(params, grads_seq, mask, lrs, b1, b2, eps, wd, clip):
 
 
 def test_adamw_matches_float64_numpy():
-    cfg = TrainConfig(data=(), lr=1e-2, warmup=2, steps=6, weight_decay=0.1, clip_norm=0.5)
-    opt, schedule = make_optimizer(cfg)
+    cfg = LMTrainConfig(lr=1e-2, warmup=2, steps=6, schedule_steps=6, weight_decay=0.1, clip_norm=0.5)
+    schedule = make_schedule(cfg)
+    opt = make_optimizer(cfg, schedule)
     rng = np.random.default_rng(0)
     params = {"wte": {"embedding": rng.normal(size=(5, 4)).astype(np.float32)},
               "h": {"c_fc": {"kernel": rng.normal(size=(2, 4, 3)).astype(np.float32),
@@ -162,7 +159,7 @@ def test_flops_per_token_counts_matmul_weights():
     small = sum(np.prod(x.shape) for path, x in jax.tree_util.tree_leaves_with_path(shapes)
                 if path[-1].key in ("bias", "scale"))
     want = 6 * (kernels + cfg.vocab_size * cfg.n_embd + small) + 12 * 12 * 768 * 1024
-    assert flops_per_token(cfg, 1024) == want
+    assert gpt2_flops_per_token(cfg, 1024) == want
     assert 0.85e9 < want < 0.9e9  # ~ 6 * 124M + attention, as usually quoted
 
 
@@ -177,7 +174,7 @@ def test_grad_accumulation_equals_one_big_batch():
     state = TrainState.create(init_params(cfg, jax.random.key(0)), opt, jax.random.PRNGKey(0))
     state_sh = sh.state_shardings(mesh, state)
     steps = {accum: make_train_step(make_loss_fn(cfg), opt, grad_accum=accum, state_shardings=state_sh,
-                                    batch_sharding=sh.batch_sharding(mesh, int(accum > 1), 2 + (accum > 1)))
+                                    batch_sharding=sh.batch_sharding(mesh, int(accum > 1)))
              for accum in (1, 2)}
     windows = np.random.default_rng(0).integers(0, 64, (8, 9)).astype(np.int32)
     copy = lambda: jax.tree.map(jnp.array, state)  # noqa: E731  (the step donates its input)
@@ -237,7 +234,10 @@ def test_reference_run_learns_logs_and_exports(reference):
     throughput = [(r["tokens_per_s"], r["mfu"]) for r in records if "tokens_per_s" in r]
     assert throughput[0] == (None, None)  # step 1 is compilation
     assert all(t > 0 and 0 < m < 1 for t, m in throughput[1:])
-    assert (out / "loss.png").stat().st_size > 0
+    assert (out / "curves.png").stat().st_size > 0
+    best = json.loads((out / "best.json").read_text())  # the lowest validation loss
+    assert best == dict(metric="val_loss", value=min(r["val_loss"] for r in evals),
+                        step=min(evals, key=lambda r: r["val_loss"])["step"])
     # the exported HF model gives the same logits as ours
     import torch
     import transformers
@@ -294,9 +294,35 @@ def test_nan_loss_stops_naming_the_step(corpus, tmp_path, capsys):
     assert Checkpoints(out).latest_step() == 1
 
 
-def test_refuses_to_overwrite_a_run_without_resume(corpus, reference):
-    with pytest.raises(FileExistsError, match="--resume"):
-        main(cli(corpus, reference[0]))
+def test_refuses_to_overwrite_a_run_without_resume(corpus, reference, capsys):
+    assert main(cli(corpus, reference[0])) == 2
+    assert "already holds a run: pass --resume" in capsys.readouterr().err
+
+
+def test_damaged_newest_checkpoint_is_skipped_and_the_run_redone_bitwise(reference, tmp_path, capsys):
+    """A real run's newest checkpoint (40) truncated: --resume warns naming it, sets it aside,
+    continues from 20 and ends with the reference's parameters; with every checkpoint damaged it
+    refuses, naming each, and trains nothing."""
+    ref_out, ref, ref_params = reference
+    out = tmp_path / "run"
+    shutil.copytree(ref_out, out, ignore=shutil.ignore_patterns("hf"))
+    victim = max((out / "checkpoints" / "40").rglob("*"), key=lambda p: p.stat().st_size if p.is_file() else 0)
+    with victim.open("r+b") as f:
+        f.truncate(victim.stat().st_size // 2)
+    assert main(["--out", str(out), "--resume", "--export-hf", "none", "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert f"warning: checkpoint step 40 is damaged and skipped ({victim} has" in err
+    assert "resuming at step 20" in err and (out / "damaged" / "40").is_dir()
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(restore_state(out, 40)["params"]), ref_params)
+    assert losses(out / "metrics.jsonl") == ref
+
+    for step in (20, 40):  # now damage both
+        data = max((out / "checkpoints" / str(step)).rglob("*"), key=lambda p: p.stat().st_size if p.is_file() else 0)
+        data.write_bytes(b"\0" * data.stat().st_size)
+    assert main(["--out", str(out), "--resume", "--steps", "60", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "error: no intact checkpoint in" in err and "step 40:" in err and "step 20:" in err
+    assert "does not match its checksum" in err and "Traceback" not in err
 
 
 # --- sharded and multi-process runs -----------------------------------------------------------------
@@ -304,22 +330,22 @@ def test_refuses_to_overwrite_a_run_without_resume(corpus, reference):
 def test_mesh_data4_fsdp2_matches_one_device_and_restores_on_another_mesh(corpus, reference, tmp_path):
     """8 virtual CPU devices: data=4,fsdp=2 losses equal the 1-device run within 1e-5 over 20
     steps; its step-10 checkpoint restores on fsdp=8 and continues with the same losses."""
+    run = dict(data=(str(corpus),), tokenizer="bpe:300", seq_len=32, batch_size=8, steps=20, schedule_steps=40,
+               warmup=5, lr=3e-3, log_every=1, eval_every=20, eval_batches=2, ckpt_every=10, sample_tokens=0)
     child = textwrap.dedent(f"""
-        import shutil, sys
+        import shutil
         from pathlib import Path
         import jax
-        sys.path.insert(0, {str(REPO / 'scripts')!r})
-        import train_gpt2
-        from jaxformer.gpt2.train import train
+        from jaxformer.gpt2.train import LMTask
+        from jaxformer.loop import train
         assert jax.device_count() == 8
         a, b = Path({str(tmp_path / 'a')!r}), Path({str(tmp_path / 'b')!r})
-        args, cfg = train_gpt2.parse_args({cli(corpus, tmp_path / 'a', '--steps', '20', '--schedule-steps', '40', '--ckpt-every', '10')!r})
-        r = train(cfg, a, mesh="data=4,fsdp=2", progress=False)
+        r = train(LMTask, a, run={run!r}, mesh="data=4,fsdp=2", progress=False)
         wte = r["state"].params["wte"]["embedding"]
         print("SPEC", wte.sharding.spec, len(wte.addressable_shards))
         shutil.copytree(a, b)
         shutil.rmtree(b / "checkpoints" / "20")
-        r = train(cfg, b, mesh="fsdp=8", resume=True, progress=False)
+        r = train(LMTask, b, mesh="fsdp=8", resume=True, progress=False)
         print("RESUMED", r["records"][0]["step"])
     """)
     proc = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True,
@@ -362,7 +388,7 @@ def test_fine_tune_from_exported_hf_in_bf16(corpus, reference, tmp_path):
     first loss is the trained model's, not a fresh one's."""
     ref_out, ref, _ = reference
     out = tmp_path / "ft"
-    assert main(cli(corpus, out, "--init", str(ref_out / "hf"), "--dtype", "bfloat16", "--steps", "3",
+    assert main(cli(corpus, out, "--init", str(ref_out / "hf"), "--model.dtype", "bfloat16", "--steps", "3",
                     "--eval-every", "3", "--ckpt-every", "3")) == 0
     got = losses(out / "metrics.jsonl")
     assert abs(got[1] - ref[40]) < 0.15 < ref[1] - got[1]

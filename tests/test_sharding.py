@@ -44,7 +44,7 @@ def test_small_arrays_stay_replicated():
 
 def test_put_batch_and_local_rows_on_one_device():
     mesh = sh.make_mesh("data=1", jax.devices()[:1])
-    s = sh.batch_sharding(mesh, batch_dim=1, ndim=3)
+    s = sh.batch_sharding(mesh, batch_dim=1)
     batch = np.arange(2 * 4 * 5, dtype=np.int32).reshape(2, 4, 5)
     assert sh.local_rows(s, batch.shape, 1) == slice(0, 4)
     x = sh.put_batch(batch, s, batch_dim=1)

@@ -5,6 +5,7 @@ import zipfile
 import pytest
 from hypothesis import given, settings, strategies as st
 
+from jaxformer.errors import InputError
 from jaxformer.translator import data
 from jaxformer.translator import tokenizer as tk
 
@@ -39,12 +40,13 @@ def test_reads_zip_and_txt(tmp_path, capsys):
         assert "skipped 1 malformed" in capsys.readouterr().err
 
 
-def test_missing_file_is_a_clear_error(tmp_path, monkeypatch):
-    with pytest.raises(FileNotFoundError, match="--data"):
-        data.locate(tmp_path / "nope.zip")
-    monkeypatch.setenv("JAXFORMER_DATA", str(tmp_path))
-    with pytest.raises(FileNotFoundError, match="JAXFORMER_DATA"):
-        data.locate()
+def test_malformed_files_are_clear_errors(tmp_path):
+    (tmp_path / "bad.zip").write_bytes(b"PK not really a zip")
+    with pytest.raises(InputError, match="bad.zip: not a readable zip file"):
+        data.load_pairs(tmp_path / "bad.zip")
+    (tmp_path / "fra.txt").write_text("no tab here\n\n")
+    with pytest.raises(InputError, match="fra.txt: no English-French pairs"):
+        data.load_pairs(tmp_path / "fra.txt")
 
 
 def test_published_file_and_split(data_root):

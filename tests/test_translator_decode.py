@@ -10,11 +10,11 @@ import pytest
 from jaxformer.decode import beam_search
 from jaxformer.translator import tokenizer as tk
 from jaxformer.translator.batching import pad_sources
-from jaxformer.translator.config import tiny
-from jaxformer.translator.decode import TranslatorModel, make_search, output_len
+from jaxformer.translator.config import preset
+from jaxformer.translator.decode import LENGTH_ALPHA, MAX_OUT_EXTRA, MAX_OUT_RATIO, TranslatorModel, make_search, output_len
 from jaxformer.translator.model import Translator, init_params, sinusoidal
 
-CFG = tiny().replace(dropout=0.0)
+CFG = preset("tiny").replace(dropout=0.0)
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +47,7 @@ def uncached_greedy(params, src, max_len):
     # do not depend on the padding after it.
     forward = jax.jit(lambda s, t: Translator(CFG).apply({"params": params}, s, t))
     n_src = (src != tk.PAD_ID).sum(1)
-    limit = np.minimum(np.ceil(CFG.max_out_ratio * n_src).astype(int) + CFG.max_out_extra, max_len)
+    limit = np.minimum(np.ceil(MAX_OUT_RATIO * n_src).astype(int) + MAX_OUT_EXTRA, max_len)
     out = np.zeros((src.shape[0], max_len), np.int32)
     for r in range(src.shape[0]):
         prefix = np.zeros((1, max_len + 1), np.int32)
@@ -75,9 +75,9 @@ def test_beam_one_equals_greedy(params):
     cache = model.apply({"params": params}, src, max_len + 1, method=model.init_cache)
     step = lambda t, c: model.apply({"params": params}, t, c, method=model.decode_step)  # noqa: E731
     n_src = (src != tk.PAD_ID).sum(1)
-    limit = np.minimum(np.ceil(CFG.max_out_ratio * n_src).astype(np.int32) + CFG.max_out_extra, max_len)
+    limit = np.minimum(np.ceil(MAX_OUT_RATIO * n_src).astype(np.int32) + MAX_OUT_EXTRA, max_len)
     seqs, scores = beam_search(step, jnp.full((8,), tk.BOS_ID), cache, beam_size=1, max_len=max_len,
-                               eos_id=tk.EOS_ID, alpha=CFG.length_alpha, limit=jnp.asarray(limit))
+                               eos_id=tk.EOS_ID, alpha=LENGTH_ALPHA, limit=jnp.asarray(limit))
     np.testing.assert_array_equal(np.asarray(seqs[:, 0]), np.asarray(greedy))
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from jaxformer.translator.config import tiny
+from jaxformer.translator.config import preset
 from jaxformer.translator.model import Translator, init_params, sinusoidal
 from jaxformer.translator.torch_model import from_flax
 
@@ -26,7 +26,7 @@ def test_sinusoidal_matches_float64_formula():
 
 @pytest.mark.parametrize("pre_ln,tie,act", [(True, True, "relu"), (False, False, "gelu"), (True, False, "relu")])
 def test_logits_match_torch_transformer(pre_ln, tie, act):
-    cfg = tiny().replace(pre_ln=pre_ln, tie_embeddings=tie, activation=act)
+    cfg = preset("tiny").replace(pre_ln=pre_ln, tie_embeddings=tie, activation=act)
     params = init_params(cfg, jax.random.PRNGKey(1))
     ours = np.asarray(Translator(cfg).apply({"params": params}, SRC, TGT))
     with warnings.catch_warnings():
@@ -39,7 +39,7 @@ def test_logits_match_torch_transformer(pre_ln, tie, act):
 
 
 def test_cached_steps_equal_full_forward_and_padding_is_inert():
-    cfg = tiny()
+    cfg = preset("tiny")
     params = init_params(cfg, jax.random.PRNGKey(2))
     model = Translator(cfg)
     full = np.asarray(model.apply({"params": params}, SRC, TGT))

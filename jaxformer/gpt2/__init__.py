@@ -1,6 +1,6 @@
 """GPT-2: config, Flax model, Hugging Face conversion, generation."""
 
 from jaxformer.gpt2.config import GPT2Config, preset
-from jaxformer.gpt2.model import GPT2, init_cache, init_params
+from jaxformer.gpt2.model import GPT2, init_params
 
-__all__ = ["GPT2", "GPT2Config", "init_cache", "init_params", "preset"]
+__all__ = ["GPT2", "GPT2Config", "init_params", "preset"]

@@ -14,12 +14,19 @@ import json
 from pathlib import Path
 
 import numpy as np
-from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers, trainers
 
-from jaxformer.paths import data_dir
-from jaxformer.tokenizer import EOS, GPT2Tokenizer
+from jaxformer import datasets
+from jaxformer.errors import InputError
+from jaxformer.textfile import read_text
+from jaxformer.tokenizer import EOS, GPT2Tokenizer, train_bpe
 
 UNK = "<unk>"
+
+
+def resolve_paths(data) -> list[Path]:
+    """Files for ``data`` entries: paths, or data set names (``tinyshakespeare``, see :mod:`jaxformer.datasets`)."""
+    return [datasets.locate(d) if d in datasets.DATASETS else datasets.locate(d, d) for d in data]
 
 
 def read_texts(paths, text_field: str = "text") -> list[str]:
@@ -27,19 +34,22 @@ def read_texts(paths, text_field: str = "text") -> list[str]:
     docs = []
     for path in map(Path, paths):
         if path.suffix == ".jsonl":
-            for i, line in enumerate(path.read_text(encoding="utf-8").splitlines()):
+            for i, line in enumerate(read_text(path).splitlines()):
                 if not line.strip():
                     continue
-                record = json.loads(line)
-                if text_field not in record:
-                    raise ValueError(f"{path}:{i + 1}: no field {text_field!r} (use --text-field)")
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise InputError(f"{path}:{i + 1}: malformed JSON ({e.msg} at column {e.colno})") from None
+                if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
+                    raise InputError(f"{path}:{i + 1}: no text field {text_field!r} (use --text-field)")
                 docs.append(record[text_field])
         elif path.suffix == ".txt":
-            docs.append(path.read_text(encoding="utf-8"))
+            docs.append(read_text(path))
         else:
-            raise ValueError(f"{path}: expected a .txt or .jsonl file")
-    if not docs:
-        raise ValueError("no documents in --data")
+            raise InputError(f"{path}: expected a .txt or .jsonl file")
+    if not any(d.strip() for d in docs):
+        raise InputError(f"no text in {', '.join(map(str, paths))}")
     return docs
 
 
@@ -48,31 +58,31 @@ def train_tokenizer(texts: list[str], kind: str, vocab_size: int) -> GPT2Tokeniz
     or ``"word"`` (whitespace/punctuation words, unknown words -> ``<unk>``; decoding joins tokens
     with spaces). ``<|endoftext|>`` is id 0."""
     if kind == "bpe":
-        tok = Tokenizer(models.BPE())
-        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-        tok.decoder = decoders.ByteLevel()
-        trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS], show_progress=False,
-                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+        tok = train_bpe(texts, vocab_size, [EOS])
     elif kind == "word":
         tok = Tokenizer(models.WordLevel(unk_token=UNK))
         tok.pre_tokenizer = pre_tokenizers.Whitespace()
-        trainer = trainers.WordLevelTrainer(vocab_size=vocab_size, special_tokens=[EOS, UNK], show_progress=False)
+        tok.train_from_iterator(texts, trainers.WordLevelTrainer(vocab_size=vocab_size, special_tokens=[EOS, UNK],
+                                                                 show_progress=False))
     else:
-        raise ValueError(f"unknown tokenizer kind {kind!r}: use bpe or word")
-    tok.train_from_iterator(texts, trainer)
+        raise InputError(f"tokenizer {kind}:{vocab_size}: unknown kind {kind!r}, use bpe or word")
     tok.add_special_tokens([AddedToken(EOS, special=True)])
     return GPT2Tokenizer(tok)
 
 
-def load_tokenizer(spec: str, texts: list[str] | None = None) -> GPT2Tokenizer:
-    """``gpt2`` ($JAXFORMER_DATA/gpt2-tokenizer), a tokenizer directory, or ``bpe:VOCAB`` /
-    ``word:VOCAB`` trained on ``texts``."""
+def load_tokenizer(spec: str, texts: list[str]) -> GPT2Tokenizer:
+    """``gpt2`` (shipped with the package), a tokenizer directory, or ``bpe:VOCAB`` / ``word:VOCAB``
+    trained on ``texts``."""
     kind, sep, size = spec.partition(":")
     if sep:
-        if texts is None:
-            raise ValueError(f"--tokenizer {spec}: training a tokenizer needs the texts")
+        if not size.isdigit() or int(size) < 2:
+            raise InputError(f"tokenizer={spec!r}: expected {kind}:VOCAB with VOCAB an integer >= 2")
         return train_tokenizer(texts, kind, int(size))
-    return GPT2Tokenizer.from_dir(data_dir() / "gpt2-tokenizer" if spec == "gpt2" else spec)
+    if spec == "gpt2":
+        return GPT2Tokenizer.gpt2()
+    if not Path(spec).is_dir():
+        raise InputError(f"tokenizer={spec!r}: not gpt2, bpe:VOCAB, word:VOCAB or a tokenizer directory")
+    return GPT2Tokenizer.from_dir(spec)
 
 
 def tokenize(tok: GPT2Tokenizer, texts: list[str]) -> np.ndarray:
@@ -83,8 +93,6 @@ def tokenize(tok: GPT2Tokenizer, texts: list[str]) -> np.ndarray:
 
 def split(tokens: np.ndarray, val_fraction: float) -> tuple[np.ndarray, np.ndarray]:
     """(train, validation): the validation part is the last ``val_fraction`` of the stream."""
-    if not 0 < val_fraction < 1:
-        raise ValueError(f"val_fraction={val_fraction}: must lie in (0, 1)")
     cut = len(tokens) - int(round(len(tokens) * val_fraction))
     return tokens[:cut], tokens[cut:]
 
@@ -99,7 +107,8 @@ class Windows:
         self.tokens, self.seq_len = np.asarray(tokens, np.int32), seq_len
         self.n = (len(tokens) - 1) // seq_len
         if self.n < 1:
-            raise ValueError(f"{what}: {len(tokens)} tokens make no window of {seq_len + 1}")
+            raise InputError(f"{what}: {len(tokens)} tokens make no window of seq_len + 1 = {seq_len + 1} tokens; "
+                             "use more text or a smaller seq_len")
 
     def __len__(self) -> int:
         return self.n
@@ -128,5 +137,6 @@ class Windows:
         """Windows in order, ``min(max_batches, len // batch_size)`` batches of int32[batch_size, seq_len + 1]."""
         n = min(max_batches, self.n // batch_size)
         if n < 1:
-            raise ValueError(f"validation split has {self.n} windows, fewer than one batch of {batch_size}")
+            raise InputError(f"the validation split has {self.n} windows of {self.seq_len + 1} tokens, fewer than one "
+                             f"batch of {batch_size}; raise val_fraction or lower batch_size")
         return [self.take(np.arange(i * batch_size, (i + 1) * batch_size)) for i in range(n)]

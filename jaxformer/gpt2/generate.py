@@ -13,8 +13,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxformer.decode import decode_loop, greedy_or_sample
+from jaxformer.errors import InputError
 from jaxformer.gpt2.config import GPT2Config
-from jaxformer.gpt2.model import GPT2, init_cache
+from jaxformer.attention import KVCache
+from jaxformer.gpt2.model import GPT2
 
 MIN_BUCKET = 16
 
@@ -36,7 +38,7 @@ def _generate(params, tokens, prompt_valid, row_keys, limit, temperature, top_k,
     model = GPT2(config)
     key_valid = jnp.concatenate([prompt_valid, jnp.ones((b, max_new), bool)], axis=1)
     positions = jnp.maximum(jnp.cumsum(prompt_valid, axis=1) - 1, 0)
-    cache = init_cache(config, b, t + max_new)
+    cache = KVCache.zeros(b, t + max_new, config.n_head, config.head_dim, config.compute_dtype, config.n_layer)
     logits, cache = model.apply({"params": params}, tokens, positions=positions, key_valid=key_valid,
                                 cache=cache, index=0, last_only=True)
     next_pos = positions[:, -1] + 1
@@ -55,26 +57,26 @@ def _generate(params, tokens, prompt_valid, row_keys, limit, temperature, top_k,
 
 
 def validate(config: GPT2Config, prompts, max_new_tokens, greedy, temperature, top_k, top_p):
-    """Raises ValueError naming the first bad argument."""
+    """Raises InputError naming the first bad argument."""
     if not prompts:
-        raise ValueError("no prompts given")
+        raise InputError("no prompts given")
     if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens={max_new_tokens}: must be >= 1")
+        raise InputError(f"max_new_tokens={max_new_tokens}: must be >= 1")
     for i, p in enumerate(prompts):
         if len(p) == 0:
-            raise ValueError(f"prompt {i} is empty: give at least one token (e.g. <|endoftext|>)")
+            raise InputError(f"prompt {i} is empty: give at least one token (e.g. <|endoftext|>)")
         if len(p) + max_new_tokens > config.n_positions:
-            raise ValueError(f"prompt {i}: {len(p)} tokens + max_new_tokens={max_new_tokens} exceeds "
+            raise InputError(f"prompt {i}: {len(p)} tokens + max_new_tokens={max_new_tokens} exceeds "
                              f"n_positions={config.n_positions}")
         if min(p) < 0 or max(p) >= config.vocab_size:
-            raise ValueError(f"prompt {i}: token ids must lie in [0, {config.vocab_size})")
+            raise InputError(f"prompt {i}: token ids must lie in [0, {config.vocab_size})")
     if not greedy:
         if not temperature > 0:
-            raise ValueError(f"temperature={temperature}: must be > 0 when sampling (use greedy instead of 0)")
+            raise InputError(f"temperature={temperature}: must be > 0 when sampling (use greedy instead of 0)")
         if not 0 < top_p <= 1:
-            raise ValueError(f"top_p={top_p}: must lie in (0, 1]")
+            raise InputError(f"top_p={top_p}: must lie in (0, 1]")
         if top_k < 0:
-            raise ValueError(f"top_k={top_k}: must be >= 0 (0 disables top-k)")
+            raise InputError(f"top_k={top_k}: must be >= 0 (0 disables top-k)")
 
 
 def generate(params, config: GPT2Config, prompts: list[list[int]], *, max_new_tokens: int = 32,

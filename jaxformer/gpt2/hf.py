@@ -12,6 +12,8 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from jaxformer.config import read_json
+from jaxformer.errors import CheckpointError
 from jaxformer.gpt2.config import GPT2Config
 from jaxformer.gpt2.model import init_params, stack_layers, unstack_layers
 
@@ -41,10 +43,6 @@ BUFFERS = ("attn.bias", "attn.masked_bias")
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
 
 
-class CheckpointError(ValueError):
-    """A checkpoint that does not fit the model: names the key, the file or the shapes."""
-
-
 # --- reading files ---------------------------------------------------------------------------------
 
 def resolve(src: str | Path) -> Path:
@@ -67,10 +65,7 @@ def resolve(src: str | Path) -> Path:
 
 
 def read_hf_config(path: Path) -> dict:
-    try:
-        return json.loads((path / "config.json").read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path / 'config.json'}: unreadable ({e})") from e
+    return read_json(path / "config.json")
 
 
 def read_hf_weights(path: Path) -> dict[str, np.ndarray]:
@@ -78,9 +73,14 @@ def read_hf_weights(path: Path) -> dict[str, np.ndarray]:
     if (path / "model.safetensors").is_file():
         return _read_safetensors(path / "model.safetensors")
     if (path / "model.safetensors.index.json").is_file():
-        index = json.loads((path / "model.safetensors.index.json").read_text())
+        index_file = path / "model.safetensors.index.json"
+        index = read_json(index_file)
+        if not isinstance(index, dict) or not isinstance(index.get("weight_map"), dict):
+            raise CheckpointError(f"{index_file}: no weight_map")
         state = {}
         for shard in sorted(set(index["weight_map"].values())):
+            if not (path / shard).is_file():
+                raise CheckpointError(f"{index_file} names {shard}, which is missing")
             state.update(_read_safetensors(path / shard))
         return state
     if (path / "pytorch_model.bin").is_file():
@@ -159,7 +159,7 @@ def hf_to_params(state: dict[str, np.ndarray], config: GPT2Config):
 def load_hf(src: str | Path, **config_overrides) -> tuple[GPT2Config, dict]:
     """Config and params from a HF directory or hub id. config_overrides: e.g. dtype="bfloat16"."""
     path = resolve(src)
-    config = GPT2Config.from_hf_dict(read_hf_config(path), **config_overrides)
+    config = GPT2Config.from_hf_dict(read_hf_config(path), str(path / "config.json"), **config_overrides)
     return config, hf_to_params(read_hf_weights(path), config)
 
 

@@ -169,13 +169,6 @@ def stack_layers(params, n_layer: int):
     return {**params, "h": jax.tree.map(lambda *xs: jnp.stack(xs), *layers)}
 
 
-def init_cache(config: GPT2Config, batch: int, max_len: int, dtype=None) -> KVCache:
-    """Zeroed cache with leaves [n_layer, batch, heads, max_len, head_dim] in the compute dtype."""
-    shape = (config.n_layer, batch, config.n_head, max_len, config.head_dim)
-    dtype = dtype or config.compute_dtype
-    return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
-
-
 def init_params(config: GPT2Config, key: jax.Array):
     """Random params (GPT-2 initialisation) as a plain pytree."""
     tokens = jnp.zeros((1, 8), jnp.int32)

@@ -1,8 +1,9 @@
 """jaxformer GPT-2 checkpoint directories, and loading whatever a user points at.
 
-A jaxformer checkpoint directory holds ``config.json`` (:class:`GPT2Config`), ``params/`` (Orbax)
-and the tokenizer files. :func:`load_pretrained` also takes a Hugging Face directory or hub id and
-converts it on the fly.
+A jaxformer checkpoint directory holds ``config.json`` (:class:`GPT2Config`), ``params/`` (Orbax,
+sealed) and the tokenizer files. :func:`load_pretrained` also takes a GPT-2 training run directory
+(``scripts/train_gpt2.py --out``: its best params, else its newest intact checkpoint's), a Hugging
+Face directory or a hub id (converted on the fly).
 """
 
 from pathlib import Path
@@ -10,7 +11,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
-from jaxformer.checkpoint import restore_pytree, save_pytree
+from jaxformer.checkpoint import load_run_params, restore_pytree, save_pytree
 from jaxformer.gpt2 import hf
 from jaxformer.gpt2.config import GPT2Config
 from jaxformer.gpt2.model import init_params, stack_layers, unstack_layers
@@ -20,6 +21,11 @@ from jaxformer.tokenizer import GPT2Tokenizer, copy_tokenizer_files, has_tokeniz
 def is_jaxformer_checkpoint(path: str | Path) -> bool:
     path = Path(path)
     return (path / "params").is_dir() and (path / "config.json").is_file()
+
+
+def is_training_run(path: str | Path) -> bool:
+    path = Path(path)
+    return (path / "config.json").is_file() and any((path / n).exists() for n in ("run.json", "best", "checkpoints"))
 
 
 def save_pretrained(dst: str | Path, config: GPT2Config, params, tokenizer_dir: str | Path | None = None) -> Path:
@@ -37,17 +43,22 @@ def save_pretrained(dst: str | Path, config: GPT2Config, params, tokenizer_dir: 
 
 
 def load_pretrained(src: str | Path, **config_overrides) -> tuple[GPT2Config, dict, GPT2Tokenizer | None]:
-    """(config, params, tokenizer or None) from a jaxformer checkpoint, a HF directory or a hub id.
+    """(config, params, tokenizer or None) from a jaxformer checkpoint or training run, a HF
+    directory or a hub id.
 
     config_overrides, e.g. ``dtype="bfloat16"`` or ``scan_layers=False`` (faster decoding on CPU),
-    apply on top of the stored config; params are cast to the resulting ``param_dtype``.
+    apply on top of the stored config; params are cast to the resulting ``param_dtype``. Weights
+    that do not fit the config are a CheckpointError naming the key and both shapes.
     """
-    if is_jaxformer_checkpoint(src):
+    if is_jaxformer_checkpoint(src) or is_training_run(src):
         path = Path(src)
         config = GPT2Config.load(path / "config.json").replace(**config_overrides)
         stored = config.replace(scan_layers=True)
         like = jax.eval_shape(lambda: init_params(stored, jax.random.key(0)))
-        params = restore_pytree(path / "params", like)
+        if is_jaxformer_checkpoint(path):
+            params = restore_pytree(path / "params", like)
+        else:
+            params = load_run_params(path, like)
         if not config.scan_layers:
             params = unstack_layers(params, config.n_layer)
     else:

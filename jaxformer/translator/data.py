@@ -6,57 +6,25 @@ third attribution column in newer releases. Text is NFC-normalised; case and acc
 
 import hashlib
 import io
-import os
 import sys
 import unicodedata
-import urllib.request
 import zipfile
 from pathlib import Path
 
-from jaxformer.paths import DATA_ENV
-
-URL = "https://www.manythings.org/anki/fra-eng.zip"
-RELATIVE = Path("fra-eng") / "fra-eng.zip"  # under $JAXFORMER_DATA
-CACHE = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "jaxformer" / RELATIVE
-
-
-def locate(path: str | Path | None = None) -> Path:
-    """The data file: ``path`` if given, else ``$JAXFORMER_DATA/fra-eng/fra-eng.zip``, else the cache
-    ``~/.cache/jaxformer/fra-eng/fra-eng.zip``, downloaded from manythings.org when missing."""
-    if path is not None:
-        path = Path(path).expanduser()
-        if not path.is_file():
-            raise FileNotFoundError(f"--data {path}: no such file")
-        return path
-    if os.environ.get(DATA_ENV):
-        path = Path(os.environ[DATA_ENV]).expanduser() / RELATIVE
-        if not path.is_file():
-            raise FileNotFoundError(f"{DATA_ENV} is set but {path} does not exist; put fra-eng.zip there")
-        return path
-    if not CACHE.is_file():
-        print(f"downloading {URL} to {CACHE}", file=sys.stderr)
-        try:
-            request = urllib.request.Request(URL, headers={"User-Agent": "Mozilla/5.0 (jaxformer)"})
-            with urllib.request.urlopen(request, timeout=60) as r:
-                payload = r.read()
-        except OSError as e:
-            raise FileNotFoundError(
-                f"no data: pass --data PATH, or set {DATA_ENV} to a directory holding {RELATIVE}, or put "
-                f"the file at {CACHE} (download of {URL} failed: {e})") from None
-        CACHE.parent.mkdir(parents=True, exist_ok=True)
-        tmp = CACHE.with_suffix(".part")
-        tmp.write_bytes(payload)
-        tmp.replace(CACHE)
-    return CACHE
+from jaxformer import datasets
+from jaxformer.errors import InputError
 
 
 def _lines(path: Path) -> list[bytes]:
     if path.suffix == ".zip":
-        with zipfile.ZipFile(path) as z:
-            names = [n for n in z.namelist() if n.endswith(".txt") and not Path(n).name.startswith("_")]
-            if len(names) != 1:
-                raise ValueError(f"{path}: expected one data .txt in the zip, found {names}")
-            return z.read(names[0]).splitlines()
+        try:
+            with zipfile.ZipFile(path) as z:
+                names = [n for n in z.namelist() if n.endswith(".txt") and not Path(n).name.startswith("_")]
+                if len(names) != 1:
+                    raise InputError(f"{path}: expected one data .txt in the zip, found {names}")
+                return z.read(names[0]).splitlines()
+        except (zipfile.BadZipFile, zipfile.LargeZipFile) as e:
+            raise InputError(f"{path}: not a readable zip file ({e})") from None
     return path.read_bytes().splitlines()
 
 
@@ -82,11 +50,14 @@ def parse(lines: list[bytes]) -> tuple[list[tuple[str, str]], int]:
 
 
 def load_pairs(path: str | Path | None = None) -> list[tuple[str, str]]:
-    """Reads the pairs (see :func:`locate`), reporting skipped malformed lines on stderr."""
-    path = locate(path)
+    """Reads the pairs of ``path`` (default: the ``fra-eng`` data set, see :mod:`jaxformer.datasets`),
+    reporting skipped malformed lines on stderr."""
+    path = datasets.locate("fra-eng", path)
     pairs, bad = parse(_lines(path))
     if bad:
         print(f"{path}: skipped {bad} malformed line(s)", file=sys.stderr)
+    if not pairs:
+        raise InputError(f"{path}: no English-French pairs (expected tab-separated lines)")
     return pairs
 
 

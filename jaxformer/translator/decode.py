@@ -2,8 +2,9 @@
 
 The encoder runs once per batch (:meth:`Translator.init_cache` also projects the cross-attention
 keys/values of every layer); each decoding step feeds one token per row through the KV cache.
-Source batches are padded to a bucket length and a power-of-two row count, so the jitted search
-compiles once per (rows, bucket, beam) and never per batch.
+Source batches are padded to one of a few lengths (8, 12, 16, 24, 32, 48, ... up to the model's
+``max_len``) and a power-of-two row count, so the jitted search compiles once per (rows, length, beam) and never
+per batch.
 """
 
 import functools
@@ -15,34 +16,47 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxformer.checkpoint import Checkpoints, restore_pytree
+from jaxformer.checkpoint import load_run_params
+from jaxformer.config import read_json
 from jaxformer.decode import beam_search, decode_loop, greedy_or_sample
+from jaxformer.errors import InputError
 from jaxformer.translator import tokenizer as tk
 from jaxformer.translator.batching import pad_sources
 from jaxformer.translator.config import TranslatorConfig
-from jaxformer.translator.model import Translator
+from jaxformer.translator.model import Translator, init_params
+
+BEAM_SIZE = 4
+LENGTH_ALPHA = 0.6  # GNMT length penalty exponent
+MAX_OUT_RATIO, MAX_OUT_EXTRA = 1.5, 10  # a row may emit ceil(ratio * source tokens) + extra tokens
+
+
+def source_lengths(max_len: int) -> list[int]:
+    """Padded source lengths: 8 and 12 times the powers of two below ``max_len``, and ``max_len``."""
+    lengths = {base << k for base in (8, 12) for k in range(max_len.bit_length())}
+    return sorted(n for n in lengths if n < max_len) + [max_len]
 
 
 def output_len(cfg: TranslatorConfig, src_len: int) -> int:
     """Output slots (static) for sources padded to ``src_len`` tokens, EOS included."""
-    return min(cfg.max_len, math.ceil(cfg.max_out_ratio * src_len) + cfg.max_out_extra)
+    return min(cfg.max_len, math.ceil(MAX_OUT_RATIO * src_len) + MAX_OUT_EXTRA)
 
 
 @functools.lru_cache(maxsize=8)
 def make_search(cfg: TranslatorConfig):
-    """``search(params, src, beam_size, max_len) -> int32[b, max_len]``, jitted.
+    """``search(params, src, beam_size, max_len, alpha) -> int32[b, max_len]``, jitted.
 
     src: int32[b, S], each row tokens + EOS + PAD (an all-PAD row gets an empty output).
-    Static: ``beam_size`` (1 = greedy, through ``decode_loop``) and ``max_len`` (output slots); the
-    config is closed over (cached per config, so models sharing one share the compilations). Row ``i`` may emit ``ceil(ratio * n_i) + extra`` tokens (EOS included),
-    ``n_i`` its source length, capped by ``max_len``. Output: tokens, EOS, then PAD.
+    Static: ``beam_size`` (1 = greedy, through ``decode_loop``), ``max_len`` (output slots) and
+    ``alpha`` (the length penalty); the config is closed over (cached per config, so models sharing
+    one share the compilations). Row ``i`` may emit ``ceil(ratio * n_i) + extra`` tokens (EOS
+    included), ``n_i`` its source length, capped by ``max_len``. Output: tokens, EOS, then PAD.
     """
     model = Translator(cfg)
 
-    @functools.partial(jax.jit, static_argnames=("beam_size", "max_len"))
-    def search(params, src, beam_size: int, max_len: int):
+    @functools.partial(jax.jit, static_argnames=("beam_size", "max_len", "alpha"))
+    def search(params, src, beam_size: int, max_len: int, alpha: float = LENGTH_ALPHA):
         n_src = (src != tk.PAD_ID).sum(axis=1)
-        limit = jnp.where(n_src > 0, jnp.ceil(cfg.max_out_ratio * n_src).astype(jnp.int32) + cfg.max_out_extra, 0)
+        limit = jnp.where(n_src > 0, jnp.ceil(MAX_OUT_RATIO * n_src).astype(jnp.int32) + MAX_OUT_EXTRA, 0)
         limit = jnp.minimum(limit, max_len)
         cache = model.apply({"params": params}, src, max_len + 1, method=model.init_cache)
         step = lambda tokens, c: model.apply({"params": params}, tokens, c, method=model.decode_step)  # noqa: E731
@@ -53,7 +67,7 @@ def make_search(cfg: TranslatorConfig):
                                     max_new_tokens=max_len, limit=limit, eos_id=tk.EOS_ID, pad_id=tk.PAD_ID)
             return out
         seqs, _ = beam_search(step, bos, cache, beam_size=beam_size, max_len=max_len, eos_id=tk.EOS_ID,
-                              alpha=cfg.length_alpha, limit=limit)
+                              alpha=alpha, limit=limit)
         return seqs[:, 0]
 
     return search
@@ -63,49 +77,46 @@ class TranslatorModel:
     """A trained model ready to translate: config, params and tokenizer (see :meth:`load`)."""
 
     def __init__(self, cfg: TranslatorConfig, params, tokenizer, batch_size: int = 64):
+        if batch_size < 1:
+            raise InputError(f"batch size {batch_size}: must be >= 1")
         self.cfg, self.params, self.tokenizer, self.batch_size = cfg, params, tokenizer, batch_size
         self.search = make_search(cfg)
 
     @classmethod
     def load(cls, directory: str | Path, **kw) -> "TranslatorModel":
-        """Reads ``config.json``, ``tokenizer.json`` and the ``best`` params (else those of the
-        latest checkpoint) from a training output directory."""
+        """Reads ``config.json``, ``tokenizer.json`` and the ``best`` params (else those of the newest
+        intact checkpoint) from a training run directory."""
         d = Path(directory)
         if not (d / "config.json").is_file():
-            raise FileNotFoundError(f"{d}: no config.json; pass the --out directory of train_translator.py")
+            raise InputError(f"{d}: no config.json; pass the --out directory of train_translator.py")
+        if "n_embd" in (read_json(d / "config.json") or {}):
+            raise InputError(f"{d}: a GPT-2 model, not a translator (use generate.py with it)")
         cfg = TranslatorConfig.load(d / "config.json")
-        if (d / "best").is_dir():
-            params = restore_pytree(d / "best")
-        elif (d / "checkpoints").is_dir():
-            ckpts = Checkpoints(d, read_only=True)
-            try:
-                params = ckpts.restore()["params"]
-            finally:
-                ckpts.close()
-        else:
-            raise FileNotFoundError(f"{d}: neither best/ nor checkpoints/ holds parameters")
+        params = load_run_params(d, jax.eval_shape(lambda: init_params(cfg, jax.random.key(0))))
         return cls(cfg, params, tk.load_tokenizer(d / "tokenizer.json"), **kw)
 
-    def translate(self, sentences: list[str], beam_size: int | None = None) -> list[str]:
-        """Translations in input order, by beam search (``beam_size`` default: the config's; 1 is
-        greedy). Empty (or blank) sentences give "", sources longer than the model's ``max_len``
-        are truncated with a warning."""
+    def translate(self, sentences: list[str], beam_size: int = BEAM_SIZE, alpha: float = LENGTH_ALPHA) -> list[str]:
+        """Translations in input order, by beam search (``beam_size`` 1 is greedy; ``alpha``: the
+        GNMT length penalty exponent). Empty (or blank) sentences give "", sources longer than the
+        model's ``max_len`` are truncated with a warning."""
+        if beam_size < 1:
+            raise InputError(f"beam size {beam_size}: must be >= 1")
         cfg, out = self.cfg, [""] * len(sentences)
-        beam_size = beam_size or cfg.beam_size
         ids = tk.encode(self.tokenizer, sentences)
         todo = [i for i, s in enumerate(sentences) if s.strip()]
         for i in todo:
             if len(ids[i]) > cfg.max_len - 1:
                 warnings.warn(f"sentence {i + 1} has {len(ids[i])} tokens; translating its first {cfg.max_len - 1}")
                 ids[i] = ids[i][:cfg.max_len - 1]
-        bucket = {i: next(L for L in cfg.buckets if L >= len(ids[i]) + 1) for i in todo}
-        for L in cfg.buckets:
+        lengths = source_lengths(cfg.max_len)
+        bucket = {i: next(L for L in lengths if L >= len(ids[i]) + 1) for i in todo}
+        for L in lengths:
             members = [i for i in todo if bucket[i] == L]
             for s in range(0, len(members), self.batch_size):
                 chunk = members[s:s + self.batch_size]
                 rows = min(self.batch_size, 1 << (len(chunk) - 1).bit_length())
                 src = pad_sources([ids[i] for i in chunk], rows, L)
-                hyp = self.search(self.params, src, beam_size=beam_size, max_len=output_len(cfg, L))
+                hyp = self.search(self.params, src, beam_size=beam_size, max_len=output_len(cfg, L), alpha=alpha)
                 for i, text in zip(chunk, tk.decode(self.tokenizer, np.asarray(hyp))):
                     out[i] = text
         return out

@@ -11,7 +11,7 @@ Decoding cache (a dict; every leaf has batch ``b`` first, so beam search can rep
 
     self:  tuple of KVCache, one per decoder layer, [b, heads, max_len, head_dim], written at ``index``
     cross: tuple of KVCache, one per decoder layer, [b, heads, S, head_dim], projected once
-    src_valid: bool[b, S]    index: int32[b], the slot the next token is written to (same in every row)
+    src_valid: bool[b, S]    index: int32[], the slot the next token is written to (shared by all rows)
 """
 
 import math
@@ -181,12 +181,12 @@ class Translator(nn.Module):
         return dict(
             self=tuple(KVCache.zeros(b, max_len, c.n_heads, c.head_dim) for _ in self.dec),
             cross=tuple(layer.cross_attn.kv(enc) for layer in self.dec),
-            src_valid=valid, index=jnp.zeros((b,), jnp.int32),
+            src_valid=valid, index=jnp.zeros((), jnp.int32),
         )
 
     def decode_step(self, tokens, cache: dict):
         """Feeds tokens: int32[n] at slot ``cache['index']``. Returns (float32[n, V], cache)."""
-        index = cache["index"][0]
+        index = cache["index"]
         table = self.embed if self.cfg.tie_embeddings else self.tgt_embed
         x = self._embed(tokens[:, None], index[None], table)
         slots = cache["self"][0].max_len

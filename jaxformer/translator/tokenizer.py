@@ -1,36 +1,30 @@
-"""A joint English+French byte-level BPE (Hugging Face ``tokenizers``), saved with the model.
-
-Byte-level BPE has every byte in its base alphabet, so text with characters never seen in training
-still encodes (into byte tokens) and decoding gives the text back exactly. One vocabulary for both
-languages lets the source, target and output embeddings be one table.
+"""The translator's joint English+French byte-level BPE (:func:`jaxformer.tokenizer.train_bpe`),
+saved with the model. One vocabulary for both languages lets the source, target and output
+embeddings be one table; byte-level BPE encodes any text, also characters never seen in training.
 """
 
 from pathlib import Path
 
 import numpy as np
-from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+from tokenizers import Tokenizer
+
+from jaxformer.errors import InputError
+from jaxformer.tokenizer import train_bpe
 
 PAD, BOS, EOS = "<pad>", "<s>", "</s>"
 PAD_ID, BOS_ID, EOS_ID = 0, 1, 2
 
 
 def train_tokenizer(texts, vocab_size: int) -> Tokenizer:
-    """BPE trained on ``texts`` (an iterable of sentences) with ``<pad>=0, <s>=1, </s>=2``."""
-    tok = Tokenizer(models.BPE())
-    tok.normalizer = normalizers.NFC()
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=[PAD, BOS, EOS], show_progress=False,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
-    tok.train_from_iterator(texts, trainer)
-    assert [tok.token_to_id(t) for t in (PAD, BOS, EOS)] == [PAD_ID, BOS_ID, EOS_ID]
-    return tok
+    """BPE trained on ``texts`` (an iterable of sentences) with ``<pad>=0, <s>=1, </s>=2``, NFC."""
+    return train_bpe(texts, vocab_size, [PAD, BOS, EOS], add_prefix_space=True, nfc=True)
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:
-    return Tokenizer.from_file(str(path))
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as e:  # tokenizers raises bare Exception on a missing or malformed file
+        raise InputError(f"{path}: unreadable tokenizer ({e})") from None
 
 
 def encode(tok: Tokenizer, texts: list[str]) -> list[np.ndarray]:
