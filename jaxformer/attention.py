@@ -70,13 +70,15 @@ def padding_mask(key_valid: jax.Array) -> jax.Array:
     return key_valid[:, None, None, :]
 
 
-def dot_product_attention(q, k, v, mask, *, scale: float, upcast_qk: bool = False, dropout_fn=None):
+def dot_product_attention(q, k, v, mask, *, scale: float, upcast_qk: bool = False, dropout_fn=None,
+                          probs_fn=None):
     """Softmax attention with float32 scores.
 
     q: [b, tq, h, d]; k, v: [b, h, tk, d] (heads-major, as in KVCache); mask: bool broadcastable
     to [b, h, tq, tk].
     upcast_qk: compute ``q @ k`` in float32 (GPT-2's ``reorder_and_upcast_attn``).
-    dropout_fn: applied to the attention probabilities in training.
+    probs_fn: applied to the attention probabilities float32[b, h, tq, tk] (a tap: capture, edit).
+    dropout_fn: applied to the attention probabilities in training, after ``probs_fn``.
     Returns [b, tq, h, d] in v's dtype.
     """
     if upcast_qk:
@@ -84,6 +86,8 @@ def dot_product_attention(q, k, v, mask, *, scale: float, upcast_qk: bool = Fals
     scores = jnp.einsum("bqhd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
     scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1)
+    if probs_fn is not None:
+        probs = probs_fn(probs)
     if dropout_fn is not None:
         probs = dropout_fn(probs)
     return jnp.einsum("bhqk,bhkd->bqhd", probs.astype(v.dtype), v)

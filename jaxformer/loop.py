@@ -43,8 +43,18 @@ from jaxformer.distributed import barrier, print0
 from jaxformer.errors import InputError
 from jaxformer.metrics import MetricsLog, plot_curves
 from jaxformer.resumable import StopRequested, any_process
-from jaxformer.training import (LossFn, NonFiniteLoss, TrainConfig, TrainState, check_finite, init_state,
-                                make_eval_step, make_optimizer, make_schedule, make_train_step)
+from jaxformer.training import (
+    LossFn,
+    NonFiniteLoss,
+    TrainConfig,
+    TrainState,
+    check_finite,
+    init_state,
+    make_eval_step,
+    make_optimizer,
+    make_schedule,
+    make_train_step,
+)
 
 
 class Task:

@@ -16,7 +16,13 @@ import jax
 import numpy as np
 
 from jaxformer import cli
-from jaxformer.benchmark import STATISTIC, best_times, copy_bandwidth, device_name, write_json
+from jaxformer.benchmark import (
+    STATISTIC,
+    best_times,
+    copy_bandwidth,
+    device_name,
+    write_json,
+)
 
 
 def main(argv=None) -> int:

@@ -34,7 +34,13 @@ def bench_jax(batch: int, seq: int, dtype: str, dropout: float, scan: bool, warm
     from jaxformer.gpt2.config import preset
     from jaxformer.gpt2.model import init_params
     from jaxformer.gpt2.train import LMTrainConfig, make_loss_fn
-    from jaxformer.training import TrainState, init_state, make_optimizer, make_schedule, make_train_step
+    from jaxformer.training import (
+        TrainState,
+        init_state,
+        make_optimizer,
+        make_schedule,
+        make_train_step,
+    )
 
     config = preset("gpt2", dtype=dtype, resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout,
                     scan_layers=scan)

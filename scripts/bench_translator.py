@@ -25,7 +25,12 @@ import torch
 from jaxformer import cli
 from jaxformer.benchmark import STATISTIC, best_times, device_name, write_json
 from jaxformer.errors import InputError
-from jaxformer.training import TrainState, make_optimizer, make_schedule, make_train_step
+from jaxformer.training import (
+    TrainState,
+    make_optimizer,
+    make_schedule,
+    make_train_step,
+)
 from jaxformer.translator import data as tdata
 from jaxformer.translator import tokenizer as tk
 from jaxformer.translator.batching import Batcher, pad_sources

@@ -28,7 +28,12 @@ def convert(args) -> int:
 
     from jaxformer.errors import InputError
     from jaxformer.gpt2 import hf
-    from jaxformer.gpt2.pretrained import is_jaxformer_checkpoint, is_training_run, load_pretrained, save_pretrained
+    from jaxformer.gpt2.pretrained import (
+        is_jaxformer_checkpoint,
+        is_training_run,
+        load_pretrained,
+        save_pretrained,
+    )
     from jaxformer.tokenizer import has_tokenizer
 
     if args.to_hf and not (is_jaxformer_checkpoint(args.src) or is_training_run(args.src)):

@@ -2,18 +2,30 @@
 
 Data come from ``$JAXFORMER_DATA`` (``.ci/run`` sets ``../shared/data``); when it is missing the
 tests that need it fail with a message instead of skipping. Scripts are importable as modules
-(``scripts/`` is on the path), so tests call their ``main(argv)`` in-process.
+(``scripts/`` is on the path), so tests call their ``main(argv)`` in-process. Compiled programs go
+to a persistent compilation cache in a temporary directory for the session (subprocesses inherit
+it): the many tiny runs compile the same programs, and compiling dominates their time.
 """
 
+import atexit
 import json
+import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
+
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="jaxformer-tests-jit-")
+    atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 import pytest
 import torch
 import transformers
 
-from jaxformer.datasets import DATA_ENV, data_root as find_data_root
+from jaxformer.datasets import DATA_ENV
+from jaxformer.datasets import data_root as find_data_root
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 
@@ -63,3 +75,31 @@ def gpt2_tokenizer_dir(data_root) -> Path:
     path = data_root / "gpt2-tokenizer"
     assert (path / "tokenizer.json").is_file(), f"GPT-2 tokenizer files missing under {path}"
     return path
+
+
+@pytest.fixture(scope="session")
+def translator_dir(tmp_path_factory):
+    """A translator model directory as train_translator.py writes it (random tiny weights)."""
+    import jax
+
+    from jaxformer.checkpoint import save_pytree
+    from jaxformer.translator import tokenizer as tk
+    from jaxformer.translator.config import preset
+    from jaxformer.translator.model import init_params
+
+    d = tmp_path_factory.mktemp("translator")
+    cfg = preset("tiny")
+    cfg.save(d / "config.json")
+    tk.train_tokenizer(["Hello world.", "Bonjour le monde."] * 10, cfg.vocab_size).save(str(d / "tokenizer.json"))
+    save_pytree(d / "best", init_params(cfg, jax.random.key(0)))
+    return d
+
+
+@pytest.fixture(scope="session")
+def gpt2_dir(hf_dir, tmp_path_factory):
+    """A jaxformer GPT-2 checkpoint directory (the tiny HF model, converted)."""
+    from jaxformer.gpt2.pretrained import load_pretrained, save_pretrained
+    d = tmp_path_factory.mktemp("gpt2") / "ckpt"
+    config, params, _ = load_pretrained(hf_dir("tiny")[0])
+    save_pretrained(d, config, params)
+    return d

@@ -11,19 +11,15 @@ import importlib
 import json
 import shutil
 
-import jax
 import numpy as np
 import pytest
 
 from jaxformer import cli
-from jaxformer.checkpoint import save_pytree
 from jaxformer.config import resume_changes
 from jaxformer.errors import InputError
 from jaxformer.gpt2.config import GPT2Config
 from jaxformer.gpt2.train import LMTask, LMTrainConfig
-from jaxformer.translator import tokenizer as tk
-from jaxformer.translator.config import TranslatorConfig, preset
-from jaxformer.translator.model import init_params
+from jaxformer.translator.config import TranslatorConfig
 from jaxformer.translator.train import TranslationTask, TranslationTrainConfig
 
 
@@ -115,27 +111,6 @@ def test_one_resume_rule_for_both_trainers():
 
 # --- every script's bad inputs -------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def translator_dir(tmp_path_factory):
-    """A translator model directory as train_translator.py writes it (random tiny weights)."""
-    d = tmp_path_factory.mktemp("translator")
-    cfg = preset("tiny")
-    cfg.save(d / "config.json")
-    tk.train_tokenizer(["Hello world.", "Bonjour le monde."] * 10, cfg.vocab_size).save(str(d / "tokenizer.json"))
-    save_pytree(d / "best", init_params(cfg, jax.random.key(0)))
-    return d
-
-
-@pytest.fixture(scope="module")
-def gpt2_dir(hf_dir, tmp_path_factory):
-    """A jaxformer GPT-2 checkpoint directory (the tiny HF model, converted)."""
-    from jaxformer.gpt2.pretrained import load_pretrained, save_pretrained
-    d = tmp_path_factory.mktemp("gpt2") / "ckpt"
-    config, params, _ = load_pretrained(hf_dir("tiny")[0])
-    save_pretrained(d, config, params)
-    return d
-
-
 def damaged_copy(src, dst, what: str):
     shutil.copytree(src, dst)
     victim = max((dst / what).rglob("*"), key=lambda p: p.stat().st_size if p.is_file() else 0)
@@ -220,6 +195,18 @@ def bad_inputs(tmp, translator_dir, gpt2_dir):
         ("convert_gpt2", [gpt2_dir, tmp / "full"], 2, "full already exists and is not empty"),
         ("convert_gpt2", ["--to-hf", tmp / "full", tmp / "out"], 2, "not a jaxformer checkpoint"),
         ("convert_gpt2", [tmp / "hf-bad-json", tmp / "out2"], 2, "malformed JSON"),
+        # capture.py, attention_map.py, induction_heads.py
+        ("capture", ["--model", gpt2_dir, "--prompt", "Hi", "--out", tmp / "a.npz", "--ablate", "9.0"], 2,
+         "head 9.0 does not exist: layers 0..2, heads 0..3"),
+        ("capture", ["--model", gpt2_dir, "--prompt", "Hi", "--out", tmp / "a.npz", "--ablate", "x"], 2,
+         "--ablate 'x': expected LAYER.HEAD"),
+        ("capture", ["--model", gpt2_dir, "--prompt", "Hi", "--out", tmp / "taken.txt"], 2, "taken.txt already exists"),
+        ("capture", ["--model", gpt2_dir, "--prompt", "", "--out", tmp / "b.npz"], 2, "--prompt is empty"),
+        ("attention_map", ["--model", translator_dir, "--text", " ", "--out", tmp / "m"], 2, "--text is empty"),
+        ("attention_map", ["--model", gpt2_dir, "--text", "Hi", "--out", tmp / "m"], 2, "a GPT-2 model, not a translator"),
+        ("attention_map", ["--model", translator_dir, "--prompt", "Hi", "--out", tmp / "m"], 2,
+         "a translator's config, not GPT-2's"),
+        ("induction_heads", ["--model", gpt2_dir, "--length", "100"], 2, "twice it exceeds the model's n_positions=128"),
         # demo.py and the benchmarks
         ("demo", ["--preset", "gpt5"], 2, "unknown GPT-2 preset 'gpt5'"),
         ("bench_generate", ["--batch", "0"], 2, "argument --batch: 0 must be >= 1"),
@@ -228,6 +215,8 @@ def bad_inputs(tmp, translator_dir, gpt2_dir):
         ("bench_train", ["--steps", "0"], 2, "argument --steps: 0 must be >= 1"),
         ("bench_translator", ["--repeats", "0"], 2, "argument --repeats: 0 must be >= 1"),
         ("bench_translator", ["--model", tmp / "nope"], 2, "nope: no config.json"),
+        ("bench_taps", ["--seq-len", "0"], 2, "argument --seq-len: 0 must be >= 1"),
+        ("bench_taps", ["--seq-len", "2048"], 2, "--seq-len 2048 exceeds n_positions=1024"),
     ]
 
 

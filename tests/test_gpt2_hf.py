@@ -10,9 +10,9 @@ import torch
 import transformers
 from safetensors.numpy import load_file
 
+from jaxformer.attention import KVCache
 from jaxformer.gpt2 import hf
 from jaxformer.gpt2.generate import generate
-from jaxformer.attention import KVCache
 from jaxformer.gpt2.model import GPT2
 from jaxformer.gpt2.pretrained import load_pretrained, save_pretrained
 

@@ -20,9 +20,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from hypothesis import given, settings, strategies as st
-
 import train_gpt2
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from sigterm import sigterm_after_logging
+
 from jaxformer.checkpoint import Checkpoints
 from jaxformer.flops import gpt2_flops_per_token
 from jaxformer.gpt2 import data as gdata
@@ -30,7 +32,6 @@ from jaxformer.gpt2.config import GPT2Config, preset
 from jaxformer.gpt2.model import GPT2, init_params
 from jaxformer.gpt2.train import LMTrainConfig, make_loss_fn
 from jaxformer.training import decay_mask, make_optimizer, make_schedule
-from sigterm import sigterm_after_logging
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = str(REPO / "scripts" / "train_gpt2.py")

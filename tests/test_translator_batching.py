@@ -1,5 +1,6 @@
 import numpy as np
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from jaxformer.translator.batching import Batcher, batch_rows
 from jaxformer.translator.tokenizer import BOS_ID, EOS_ID, PAD_ID

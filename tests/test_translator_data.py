@@ -3,7 +3,8 @@ import unicodedata
 import zipfile
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from jaxformer.errors import InputError
 from jaxformer.translator import data

@@ -11,7 +11,14 @@ from jaxformer.decode import beam_search
 from jaxformer.translator import tokenizer as tk
 from jaxformer.translator.batching import pad_sources
 from jaxformer.translator.config import preset
-from jaxformer.translator.decode import LENGTH_ALPHA, MAX_OUT_EXTRA, MAX_OUT_RATIO, TranslatorModel, make_search, output_len
+from jaxformer.translator.decode import (
+    LENGTH_ALPHA,
+    MAX_OUT_EXTRA,
+    MAX_OUT_RATIO,
+    TranslatorModel,
+    make_search,
+    output_len,
+)
 from jaxformer.translator.model import Translator, init_params, sinusoidal
 
 CFG = preset("tiny").replace(dropout=0.0)

@@ -13,6 +13,7 @@ import jax
 import numpy as np
 import pytest
 import sacrebleu
+from sigterm import sigterm_after_logging
 
 from jaxformer.checkpoint import Checkpoints, restore_pytree
 from jaxformer.errors import InputError
@@ -20,7 +21,6 @@ from jaxformer.loop import train
 from jaxformer.translator.config import TranslatorConfig, preset
 from jaxformer.translator.decode import TranslatorModel
 from jaxformer.translator.train import TranslationTask
-from sigterm import sigterm_after_logging
 
 ROOT = Path(__file__).resolve().parents[1]
 

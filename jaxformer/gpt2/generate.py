@@ -12,10 +12,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxformer import taps
+from jaxformer.attention import KVCache
 from jaxformer.decode import decode_loop, greedy_or_sample
 from jaxformer.errors import InputError
 from jaxformer.gpt2.config import GPT2Config
-from jaxformer.attention import KVCache
 from jaxformer.gpt2.model import GPT2
 
 MIN_BUCKET = 16
@@ -27,10 +28,11 @@ def bucket(n: int, minimum: int = MIN_BUCKET) -> int:
 
 
 @functools.partial(jax.jit, static_argnames=("config", "max_new", "greedy", "eos_id"))
-def _generate(params, tokens, prompt_valid, row_keys, limit, temperature, top_k, top_p, *,
+def _generate(variables, tokens, prompt_valid, row_keys, limit, temperature, top_k, top_p, *,
               config: GPT2Config, max_new: int, greedy: bool, eos_id: int | None):
     """Prefill + decode loop. Static: config, max_new (output buffer), greedy, eos_id.
 
+    variables: ``{"params"}``, and ``"interventions"`` when generating with edits (traced).
     tokens, prompt_valid: [b, t] left-padded prompts and their mask; row_keys: [b] PRNG keys;
     limit: int32[b] new tokens allowed per row. Returns (int32[b, max_new], int32[b] lengths).
     """
@@ -39,13 +41,13 @@ def _generate(params, tokens, prompt_valid, row_keys, limit, temperature, top_k,
     key_valid = jnp.concatenate([prompt_valid, jnp.ones((b, max_new), bool)], axis=1)
     positions = jnp.maximum(jnp.cumsum(prompt_valid, axis=1) - 1, 0)
     cache = KVCache.zeros(b, t + max_new, config.n_head, config.head_dim, config.compute_dtype, config.n_layer)
-    logits, cache = model.apply({"params": params}, tokens, positions=positions, key_valid=key_valid,
+    logits, cache = model.apply(variables, tokens, positions=positions, key_valid=key_valid,
                                 cache=cache, index=0, last_only=True)
     next_pos = positions[:, -1] + 1
 
     def step(tok, state):
         cache, i = state
-        logits, cache = model.apply({"params": params}, tok[:, None], positions=(next_pos + i)[:, None],
+        logits, cache = model.apply(variables, tok[:, None], positions=(next_pos + i)[:, None],
                                     key_valid=key_valid, cache=cache, index=t + i, last_only=True)
         return logits[:, 0], (cache, i + 1)
 
@@ -81,12 +83,14 @@ def validate(config: GPT2Config, prompts, max_new_tokens, greedy, temperature, t
 
 def generate(params, config: GPT2Config, prompts: list[list[int]], *, max_new_tokens: int = 32,
              greedy: bool = False, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-             seed: int = 0, stop_at_eos: bool = True) -> list[list[int]]:
+             seed: int = 0, stop_at_eos: bool = True, edits: dict | None = None) -> list[list[int]]:
     """New tokens for each prompt (token ids), up to and including EOS when ``stop_at_eos``.
 
     Greedy when ``greedy``, else sampling with temperature, top-k (0 = off) and top-p (1 = off),
     combinable. Row ``i`` draws from ``fold_in(key(seed), i)``, so its samples do not depend on the
-    other prompts in the batch.
+    other prompts in the batch. ``edits``: interventions applied at every step, prefill and
+    decoding (:mod:`jaxformer.taps`: an ablated head, a steering vector; edits must broadcast over
+    the batch and time, e.g. ``[L, D]`` or ``[L, H, 1]`` per layer).
     """
     validate(config, prompts, max_new_tokens, greedy, temperature, top_k, top_p)
     n = len(prompts)
@@ -99,7 +103,8 @@ def generate(params, config: GPT2Config, prompts: list[list[int]], *, max_new_to
     row_keys = jax.vmap(jax.random.fold_in, (None, 0))(jax.random.key(seed), jnp.arange(b))
     limit = np.full((b,), max_new_tokens, np.int32)
     limit[n:] = 0
-    out, lengths = _generate(params, tokens, valid, row_keys, limit, jnp.float32(temperature),
+    variables = taps.with_edits(GPT2(config), params, edits, tokens[:1, :1])
+    out, lengths = _generate(variables, tokens, valid, row_keys, limit, jnp.float32(temperature),
                              jnp.int32(top_k), jnp.float32(top_p), config=config, max_new=new,
                              greedy=greedy, eos_id=config.eos_token_id if stop_at_eos else None)
     out, lengths = np.asarray(out), np.asarray(lengths)

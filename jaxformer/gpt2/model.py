@@ -10,6 +10,17 @@ Params (``L`` = n_layer, stacked by ``nn.scan`` so compile time does not grow wi
 With ``config.scan_layers=False`` the same block params sit unstacked under ``h_0 .. h_{L-1}``
 (:func:`unstack_layers` / :func:`stack_layers` convert). The KV cache is a
 :class:`~jaxformer.attention.KVCache` with leaves ``[L, batch, heads, max_len, head_dim]``.
+
+Taps (:mod:`jaxformer.taps`; captured and edited by name, layers stacked, shapes per layer)::
+
+    embed, pos_embed [b, t, D]   ln_final [b, t, D] (after ln_f; with last_only, the last position)
+    h/resid_pre, h/resid_mid, h/resid_post, h/attn_out, h/mlp_out [b, t, D]    h/mlp/post [b, t, F]
+    h/attn/q, h/attn/k, h/attn/v, h/attn/z [b, t, H, d]   h/attn/pattern [b, H, t, kv_len]
+
+``z`` is the attention output per head (the input of ``c_proj``, split by head); ``pattern`` the
+probabilities after softmax, before dropout. Hugging Face's ``hidden_states[i]`` is
+``h/resid_pre[i]`` for ``i < L`` and ``ln_final`` for ``i = L``; ``attentions[i]`` is
+``h/attn/pattern[i]``.
 """
 
 import math
@@ -21,6 +32,7 @@ import jax.numpy as jnp
 from jaxformer.activations import activation
 from jaxformer.attention import KVCache, causal_mask, dot_product_attention
 from jaxformer.gpt2.config import GPT2Config
+from jaxformer.taps import CAPTURE, EDITS, tap
 
 
 def _dense(cfg: GPT2Config, features: int, name: str, std: float | None = None):
@@ -46,7 +58,8 @@ class CausalSelfAttention(nn.Module):
         cfg = self.config
         b, t, _ = x.shape
         qkv = _dense(cfg, 3 * cfg.n_embd, "c_attn")(x)
-        q, k, v = (a.reshape(b, t, cfg.n_head, cfg.head_dim) for a in jnp.split(qkv, 3, axis=-1))
+        q, k, v = (tap(self, n, a.reshape(b, t, cfg.n_head, cfg.head_dim))
+                   for n, a in zip("qkv", jnp.split(qkv, 3, axis=-1)))
         if cache is not None:
             cache = cache.update(k, v, index, layer=layer_idx)
             k, v = (a.astype(q.dtype) for a in cache.layer(layer_idx))
@@ -59,7 +72,8 @@ class CausalSelfAttention(nn.Module):
         if not self.deterministic and cfg.attn_pdrop > 0:
             dropout = lambda p: nn.Dropout(cfg.attn_pdrop)(p, deterministic=False)  # noqa: E731
         y = dot_product_attention(q, k, v, mask, scale=scale, upcast_qk=cfg.reorder_and_upcast_attn,
-                                  dropout_fn=dropout)
+                                  dropout_fn=dropout, probs_fn=lambda p: tap(self, "pattern", p))
+        y = tap(self, "z", y)
         std = cfg.initializer_range / math.sqrt(2 * cfg.n_layer)
         y = _dense(cfg, cfg.n_embd, "c_proj", std)(y.reshape(b, t, cfg.n_embd))
         return nn.Dropout(cfg.resid_pdrop)(y, deterministic=self.deterministic), cache
@@ -72,7 +86,7 @@ class MLP(nn.Module):
     @nn.compact
     def __call__(self, x):
         cfg = self.config
-        h = activation(cfg.activation_function)(_dense(cfg, cfg.inner_dim, "c_fc")(x))
+        h = tap(self, "post", activation(cfg.activation_function)(_dense(cfg, cfg.inner_dim, "c_fc")(x)))
         y = _dense(cfg, cfg.n_embd, "c_proj", cfg.initializer_range / math.sqrt(2 * cfg.n_layer))(h)
         return nn.Dropout(cfg.resid_pdrop)(y, deterministic=self.deterministic)
 
@@ -91,9 +105,10 @@ class Block(nn.Module):
     def __call__(self, carry, layer_idx, mask, index):
         cfg, det = self.config, self.deterministic
         x, cache = carry
+        x = tap(self, "resid_pre", x)
         y, cache = CausalSelfAttention(cfg, det, name="attn")(_layer_norm(cfg, "ln_1")(x), mask, layer_idx, cache, index)
-        x = x + y
-        x = x + MLP(cfg, det, name="mlp")(_layer_norm(cfg, "ln_2")(x))
+        x = tap(self, "resid_mid", x + tap(self, "attn_out", y))
+        x = tap(self, "resid_post", x + tap(self, "mlp_out", MLP(cfg, det, name="mlp")(_layer_norm(cfg, "ln_2")(x))))
         return (x, cache), None
 
 
@@ -127,13 +142,13 @@ class GPT2(nn.Module):
             n, cfg.n_embd, name=name, dtype=cfg.compute_dtype, param_dtype=jnp.dtype(cfg.param_dtype),
             embedding_init=nn.initializers.normal(cfg.initializer_range))
         wte = emb(cfg.vocab_size, "wte")
-        x = wte(tokens) + emb(cfg.n_positions, "wpe")(positions)
+        x = tap(self, "embed", wte(tokens)) + tap(self, "pos_embed", emb(cfg.n_positions, "wpe")(positions))
         x = nn.Dropout(cfg.embd_pdrop)(x, deterministic=self.deterministic)
 
         block = nn.remat(Block, prevent_cse=not cfg.scan_layers) if cfg.remat else Block
         if cfg.scan_layers:
             blocks = nn.scan(
-                block, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+                block, variable_axes={"params": 0, CAPTURE: 0, EDITS: 0}, split_rngs={"params": True, "dropout": True},
                 in_axes=(0, nn.broadcast, nn.broadcast), length=cfg.n_layer,
             )(cfg, self.deterministic, name="h")
             (x, cache), _ = blocks((x, cache), jnp.arange(cfg.n_layer), mask, index)
@@ -143,7 +158,7 @@ class GPT2(nn.Module):
 
         if last_only:
             x = x[:, -1:]
-        x = _layer_norm(cfg, "ln_f")(x)
+        x = tap(self, "ln_final", _layer_norm(cfg, "ln_f")(x))
         # Contract with the embedding as stored ([V, D]): a transposed copy would cost a full
         # extra pass over the largest matrix at every decoding step.
         if cfg.tie_word_embeddings:

@@ -13,8 +13,8 @@ import dataclasses
 import math
 from pathlib import Path
 
-import jax.numpy as jnp
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from jaxformer.config import param
@@ -25,8 +25,8 @@ from jaxformer.gpt2 import data as gdata
 from jaxformer.gpt2.config import PRESETS, GPT2Config, preset
 from jaxformer.gpt2.generate import generate
 from jaxformer.gpt2.model import GPT2, init_params
-from jaxformer.losses import cross_entropy
 from jaxformer.loop import Task
+from jaxformer.losses import cross_entropy
 from jaxformer.tokenizer import GPT2Tokenizer
 from jaxformer.training import LossFn, TrainConfig
 

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxformer import taps
 from jaxformer.checkpoint import load_run_params
 from jaxformer.config import read_json
 from jaxformer.decode import beam_search, decode_loop, greedy_or_sample
@@ -43,23 +44,25 @@ def output_len(cfg: TranslatorConfig, src_len: int) -> int:
 
 @functools.lru_cache(maxsize=8)
 def make_search(cfg: TranslatorConfig):
-    """``search(params, src, beam_size, max_len, alpha) -> int32[b, max_len]``, jitted.
+    """``search(params, src, beam_size, max_len, alpha, edits) -> int32[b, max_len]``, jitted.
 
     src: int32[b, S], each row tokens + EOS + PAD (an all-PAD row gets an empty output).
     Static: ``beam_size`` (1 = greedy, through ``decode_loop``), ``max_len`` (output slots) and
     ``alpha`` (the length penalty); the config is closed over (cached per config, so models sharing
     one share the compilations). Row ``i`` may emit ``ceil(ratio * n_i) + extra`` tokens (EOS
     included), ``n_i`` its source length, capped by ``max_len``. Output: tokens, EOS, then PAD.
+    ``edits``: interventions (:mod:`jaxformer.taps`, the model's tree) at every step, or None.
     """
     model = Translator(cfg)
 
     @functools.partial(jax.jit, static_argnames=("beam_size", "max_len", "alpha"))
-    def search(params, src, beam_size: int, max_len: int, alpha: float = LENGTH_ALPHA):
+    def search(params, src, beam_size: int, max_len: int, alpha: float = LENGTH_ALPHA, edits=None):
         n_src = (src != tk.PAD_ID).sum(axis=1)
         limit = jnp.where(n_src > 0, jnp.ceil(MAX_OUT_RATIO * n_src).astype(jnp.int32) + MAX_OUT_EXTRA, 0)
         limit = jnp.minimum(limit, max_len)
-        cache = model.apply({"params": params}, src, max_len + 1, method=model.init_cache)
-        step = lambda tokens, c: model.apply({"params": params}, tokens, c, method=model.decode_step)  # noqa: E731
+        variables = {"params": params} if edits is None else {"params": params, taps.EDITS: edits}
+        cache = model.apply(variables, src, max_len + 1, method=model.init_cache)
+        step = lambda tokens, c: model.apply(variables, tokens, c, method=model.decode_step)  # noqa: E731
         bos = jnp.full((src.shape[0],), tk.BOS_ID, jnp.int32)
         if beam_size == 1:
             logits, cache = step(bos, cache)
@@ -95,12 +98,18 @@ class TranslatorModel:
         params = load_run_params(d, jax.eval_shape(lambda: init_params(cfg, jax.random.key(0))))
         return cls(cfg, params, tk.load_tokenizer(d / "tokenizer.json"), **kw)
 
-    def translate(self, sentences: list[str], beam_size: int = BEAM_SIZE, alpha: float = LENGTH_ALPHA) -> list[str]:
+    def translate(self, sentences: list[str], beam_size: int = BEAM_SIZE, alpha: float = LENGTH_ALPHA,
+                  edits: dict | None = None) -> list[str]:
         """Translations in input order, by beam search (``beam_size`` 1 is greedy; ``alpha``: the
         GNMT length penalty exponent). Empty (or blank) sentences give "", sources longer than the
-        model's ``max_len`` are truncated with a warning."""
+        model's ``max_len`` are truncated with a warning. ``edits``: interventions at every
+        decoding step (:mod:`jaxformer.taps`; they must broadcast over rows and positions)."""
         if beam_size < 1:
             raise InputError(f"beam size {beam_size}: must be >= 1")
+        tree = None
+        if edits:
+            probe = np.full((1, 2), tk.EOS_ID, np.int32)
+            tree = taps.with_edits(Translator(self.cfg), self.params, edits, probe, probe)[taps.EDITS]
         cfg, out = self.cfg, [""] * len(sentences)
         ids = tk.encode(self.tokenizer, sentences)
         todo = [i for i, s in enumerate(sentences) if s.strip()]
@@ -116,7 +125,8 @@ class TranslatorModel:
                 chunk = members[s:s + self.batch_size]
                 rows = min(self.batch_size, 1 << (len(chunk) - 1).bit_length())
                 src = pad_sources([ids[i] for i in chunk], rows, L)
-                hyp = self.search(self.params, src, beam_size=beam_size, max_len=output_len(cfg, L), alpha=alpha)
+                hyp = self.search(self.params, src, beam_size=beam_size, max_len=output_len(cfg, L), alpha=alpha,
+                                  edits=tree)
                 for i, text in zip(chunk, tk.decode(self.tokenizer, np.asarray(hyp))):
                     out[i] = text
         return out

@@ -12,6 +12,18 @@ Decoding cache (a dict; every leaf has batch ``b`` first, so beam search can rep
     self:  tuple of KVCache, one per decoder layer, [b, heads, max_len, head_dim], written at ``index``
     cross: tuple of KVCache, one per decoder layer, [b, heads, S, head_dim], projected once
     src_valid: bool[b, S]    index: int32[], the slot the next token is written to (shared by all rows)
+
+Taps (:mod:`jaxformer.taps`; by name, layers stacked; ``T`` target, ``S`` source length)::
+
+    enc_tok_embed, enc_pos_embed [b, S, d]   dec_tok_embed, dec_pos_embed [b, T, d] (token embeddings
+                                              scaled by sqrt(d); the sinusoidal positions)
+    enc/resid_pre, enc/resid_mid, enc/resid_post [b, S, d]        enc_out [b, S, d] (encoder output)
+    dec/resid_pre, dec/resid_mid, dec/resid_cross, dec/resid_post [b, T, d]   dec_out [b, T, d]
+    enc/attn/{q, z} [b, S, H, dh]  enc/attn/pattern [b, H, S, S]   {enc,dec}/ff/post [b, *, d_ff]
+    dec/self_attn/{q, z} [b, T, H, dh]  dec/self_attn/pattern [b, H, T, T]
+    dec/cross_attn/{q, z} [b, T, H, dh]  dec/cross_attn/pattern [b, H, T, S]
+
+``z`` is an attention's output per head (the input of its ``out`` projection, split by head).
 """
 
 import math
@@ -20,7 +32,13 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from jaxformer.activations import activation
-from jaxformer.attention import KVCache, causal_mask, dot_product_attention, padding_mask
+from jaxformer.attention import (
+    KVCache,
+    causal_mask,
+    dot_product_attention,
+    padding_mask,
+)
+from jaxformer.taps import tap
 from jaxformer.translator.config import TranslatorConfig
 from jaxformer.translator.tokenizer import PAD_ID
 
@@ -56,7 +74,7 @@ class Attention(nn.Module):
         """x: [b, t, d] queries; kv: keys/values to attend to (default: projected from x);
         cache: self-attention cache, x's keys are written at slot ``index`` and all slots attended.
         mask: bool broadcastable to [b, h, t, kv_len]. Returns ([b, t, d], cache)."""
-        q = self._heads(self.query(x))
+        q = tap(self, "q", self._heads(self.query(x)))
         if cache is not None:
             kv = cache = cache.update(self._heads(self.key(x)), self._heads(self.value(x)), index)
         elif kv is None:
@@ -64,8 +82,9 @@ class Attention(nn.Module):
         drop = None
         if not self.deterministic and self.cfg.dropout > 0:
             drop = lambda p: self.dropout(p, deterministic=False)  # noqa: E731
-        y = dot_product_attention(q, kv.k, kv.v, mask, scale=self.cfg.head_dim**-0.5, dropout_fn=drop)
-        return self.out(y.reshape(x.shape)), cache
+        y = dot_product_attention(q, kv.k, kv.v, mask, scale=self.cfg.head_dim**-0.5, dropout_fn=drop,
+                                  probs_fn=lambda p: tap(self, "pattern", p))
+        return self.out(tap(self, "z", y).reshape(x.shape)), cache
 
 
 class FeedForward(nn.Module):
@@ -73,7 +92,7 @@ class FeedForward(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        h = activation(self.cfg.activation)(_dense(self.cfg.d_ff, "up")(x))
+        h = tap(self, "post", activation(self.cfg.activation)(_dense(self.cfg.d_ff, "up")(x)))
         return _dense(self.cfg.d_model, "down")(h)
 
 
@@ -100,9 +119,10 @@ class EncoderLayer(_Residual):
         self.drop = nn.Dropout(self.cfg.dropout)
 
     def __call__(self, x, mask):
+        x = tap(self, "resid_pre", x)
         x, _ = self.residual(x, self.ln_1, lambda h: self.attn(h, mask))
-        x, _ = self.residual(x, self.ln_2, lambda h: (self.ff(h), None))
-        return x
+        x, _ = self.residual(tap(self, "resid_mid", x), self.ln_2, lambda h: (self.ff(h), None))
+        return tap(self, "resid_post", x)
 
 
 class DecoderLayer(_Residual):
@@ -114,10 +134,11 @@ class DecoderLayer(_Residual):
         self.drop = nn.Dropout(self.cfg.dropout)
 
     def __call__(self, x, self_mask, enc_kv: KVCache, cross_mask, cache=None, index=0):
+        x = tap(self, "resid_pre", x)
         x, cache = self.residual(x, self.ln_1, lambda h: self.self_attn(h, self_mask, cache=cache, index=index))
-        x, _ = self.residual(x, self.ln_2, lambda h: self.cross_attn(h, cross_mask, kv=enc_kv))
-        x, _ = self.residual(x, self.ln_3, lambda h: (self.ff(h), None))
-        return x, cache
+        x, _ = self.residual(tap(self, "resid_mid", x), self.ln_2, lambda h: self.cross_attn(h, cross_mask, kv=enc_kv))
+        x, _ = self.residual(tap(self, "resid_cross", x), self.ln_3, lambda h: (self.ff(h), None))
+        return tap(self, "resid_post", x), cache
 
 
 class Translator(nn.Module):
@@ -141,12 +162,15 @@ class Translator(nn.Module):
             self.enc_ln, self.dec_ln = nn.LayerNorm(cfg.layer_norm_eps), nn.LayerNorm(cfg.layer_norm_eps)
         self.dropout = nn.Dropout(cfg.dropout)
 
-    def _embed(self, tokens, positions, table):
-        x = table(tokens) * math.sqrt(self.cfg.d_model) + sinusoidal(positions, self.cfg.d_model)
+    def _embed(self, side: str, tokens, positions, table):
+        """``side``: ``enc`` or ``dec`` (the taps' names)."""
+        x = tap(self, f"{side}_tok_embed", table(tokens) * math.sqrt(self.cfg.d_model)) \
+            + tap(self, f"{side}_pos_embed", jnp.broadcast_to(sinusoidal(positions, self.cfg.d_model),
+                                                             tokens.shape + (self.cfg.d_model,)))
         return self.dropout(x, deterministic=self.deterministic)
 
     def _logits(self, x):
-        x = self.dec_ln(x) if self.cfg.pre_ln else x
+        x = tap(self, "dec_out", self.dec_ln(x) if self.cfg.pre_ln else x)
         if self.cfg.tie_embeddings:
             return self.embed.attend(x).astype(jnp.float32)
         return self.out(x).astype(jnp.float32)
@@ -154,16 +178,16 @@ class Translator(nn.Module):
     def encode(self, src):
         """src: int32[b, S] (PAD_ID = padding). Returns (float32[b, S, d], src_valid bool[b, S])."""
         valid = src != PAD_ID
-        x = self._embed(src, jnp.arange(src.shape[1]), self.embed if self.cfg.tie_embeddings else self.src_embed)
+        x = self._embed("enc", src, jnp.arange(src.shape[1]), self.embed if self.cfg.tie_embeddings else self.src_embed)
         mask = padding_mask(valid)
         for layer in self.enc:
             x = layer(x, mask)
-        return (self.enc_ln(x) if self.cfg.pre_ln else x), valid
+        return tap(self, "enc_out", self.enc_ln(x) if self.cfg.pre_ln else x), valid
 
     def decode(self, tgt_in, enc, src_valid):
         """Teacher-forced decoder: tgt_in int32[b, T]. Returns float32[b, T, V] logits."""
         table = self.embed if self.cfg.tie_embeddings else self.tgt_embed
-        x = self._embed(tgt_in, jnp.arange(tgt_in.shape[1]), table)
+        x = self._embed("dec", tgt_in, jnp.arange(tgt_in.shape[1]), table)
         self_mask, cross_mask = causal_mask(tgt_in != PAD_ID, tgt_in.shape[1]), padding_mask(src_valid)
         for layer in self.dec:
             x, _ = layer(x, self_mask, layer.cross_attn.kv(enc), cross_mask)
@@ -188,7 +212,7 @@ class Translator(nn.Module):
         """Feeds tokens: int32[n] at slot ``cache['index']``. Returns (float32[n, V], cache)."""
         index = cache["index"]
         table = self.embed if self.cfg.tie_embeddings else self.tgt_embed
-        x = self._embed(tokens[:, None], index[None], table)
+        x = self._embed("dec", tokens[:, None], index[None], table)
         slots = cache["self"][0].max_len
         self_mask = (jnp.arange(slots) <= index)[None, None, None, :]
         cross_mask = padding_mask(cache["src_valid"])

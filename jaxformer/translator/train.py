@@ -18,15 +18,15 @@ import sacrebleu
 from jaxformer.config import param
 from jaxformer.distributed import barrier
 from jaxformer.errors import InputError
-from jaxformer.losses import cross_entropy
 from jaxformer.loop import Task
+from jaxformer.losses import cross_entropy
+from jaxformer.training import LossFn, TrainConfig
 from jaxformer.translator import data as tdata
 from jaxformer.translator import tokenizer as tk
 from jaxformer.translator.batching import Batcher
 from jaxformer.translator.config import PRESETS, TranslatorConfig
 from jaxformer.translator.decode import TranslatorModel
 from jaxformer.translator.model import Translator, init_params
-from jaxformer.training import LossFn, TrainConfig
 
 
 @dataclasses.dataclass(frozen=True)

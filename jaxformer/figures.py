@@ -1,0 +1,96 @@
+"""Pictures of what the models do inside: attention heatmaps and the logit lens (matplotlib, PNG).
+
+Tokens are labelled with their text (``repr``-style escapes for newlines and tabs), so a reader
+sees which word attends to which.
+"""
+
+from pathlib import Path
+
+import numpy as np
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def label(text: str) -> str:
+    """A token's text for an axis label: whitespace made visible, long tokens cut."""
+    text = text.replace("\n", "\\n").replace("\t", "\\t")
+    return text if len(text) <= 14 else text[:13] + "…"
+
+
+def _save(fig, path: Path) -> Path:
+    path = Path(path)
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=110, bbox_inches="tight")
+    _plt().close(fig)
+    tmp.replace(path)
+    return path
+
+
+def attention_grid(path, maps, rows: list[str], cols: list[str], title: str) -> Path:
+    """One layer's attention: a panel per head and one for the head average.
+
+    maps: float[H, len(rows), len(cols)], the probabilities of each query (row) over the keys
+    (columns), e.g. generated target tokens over source tokens for cross-attention."""
+    plt = _plt()
+    maps = np.asarray(maps, np.float32)
+    panels = list(maps) + [maps.mean(0)]
+    names = [f"head {h}" for h in range(len(maps))] + ["average of heads"]
+    n_cols = min(4, len(panels))
+    n_rows = -(-len(panels) // n_cols)
+    cell = 0.28
+    w = max(3.0, cell * len(cols) + 1.2)
+    h = max(2.6, cell * len(rows) + 1.2)
+    fig, axes = plt.subplots(n_rows, n_cols, figsize=(w * n_cols, h * n_rows), squeeze=False)
+    for ax in axes.flat[len(panels):]:
+        ax.axis("off")
+    for ax, m, name in zip(axes.flat, panels, names):
+        ax.imshow(m, cmap="viridis", vmin=0.0, vmax=1.0, aspect="auto")
+        ax.set_xticks(range(len(cols)), [label(c) for c in cols], rotation=90, fontsize=8)
+        ax.set_yticks(range(len(rows)), [label(r) for r in rows], fontsize=8)
+        ax.set_title(name, fontsize=10)
+    fig.suptitle(title)
+    return _save(fig, path)
+
+
+def layer_averages(path, maps, rows: list[str], cols: list[str], title: str) -> Path:
+    """Every layer's head-averaged attention side by side; maps: float[L, H, rows, cols]."""
+    plt = _plt()
+    maps = np.asarray(maps, np.float32).mean(1)
+    cell = 0.28
+    fig, axes = plt.subplots(1, len(maps), figsize=(max(3.0, cell * len(cols) + 1.2) * len(maps),
+                                                    max(2.6, cell * len(rows) + 1.2)), squeeze=False)
+    for i, (ax, m) in enumerate(zip(axes[0], maps)):
+        ax.imshow(m, cmap="viridis", vmin=0.0, vmax=1.0, aspect="auto")
+        ax.set_xticks(range(len(cols)), [label(c) for c in cols], rotation=90, fontsize=8)
+        ax.set_yticks(range(len(rows)), [label(r) for r in rows], fontsize=8)
+        ax.set_title(f"layer {i}", fontsize=10)
+    fig.suptitle(title)
+    return _save(fig, path)
+
+
+def logit_lens(path, tokens: list[str], top: list[list[str]], prob, title: str) -> Path:
+    """The logit lens: for each layer (rows, bottom: embeddings, top: the model's output) and
+    position (columns, labelled with the input token), the top next token as text, coloured by its
+    probability. top: [L + 1][t] token texts; prob: float[L + 1, t]."""
+    plt = _plt()
+    prob = np.asarray(prob, np.float32)
+    n_layers, t = prob.shape
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.9 * t + 1.5), max(2.5, 0.42 * n_layers + 1.2)))
+    im = ax.imshow(prob, cmap="Blues", vmin=0.0, vmax=1.0, aspect="auto", origin="lower")
+    for layer in range(n_layers):
+        for pos in range(t):
+            ax.text(pos, layer, label(top[layer][pos]), ha="center", va="center", fontsize=7,
+                    color="white" if prob[layer, pos] > 0.6 else "black")
+    ax.set_xticks(range(t), [label(x) for x in tokens], rotation=90, fontsize=8)
+    ax.set_yticks(range(n_layers), ["embed"] + [f"after {i}" for i in range(n_layers - 2)] + ["output"], fontsize=8)
+    ax.set_xlabel("input token (the prediction is for the next one)")
+    ax.set_ylabel("residual stream after layer")
+    fig.colorbar(im, ax=ax, label="probability of the top token")
+    ax.set_title(title)
+    return _save(fig, path)
