@@ -4,7 +4,8 @@ Shapes: queries ``q: [batch, q_len, heads, head_dim]`` (as projected); keys and 
 heads-major, ``[batch, heads, kv_len, head_dim]``, so attention contracts over them as stored
 instead of transposing the whole cache at every decoding step. A cache holds ``max_len`` slots; a
 call writes its keys at slot ``index`` and attends over all slots, so the cache is passed in and the
-updated one is returned.
+updated one is returned. ``index`` is one slot for every row, or (one new token per row) a slot per
+row, int32[batch]: rows at different lengths, as a server's decoding slots are.
 """
 
 from typing import NamedTuple
@@ -40,8 +41,14 @@ class KVCache(NamedTuple):
 
     def update(self, k: jax.Array, v: jax.Array, index, layer=None) -> "KVCache":
         """Writes ``k, v: [batch, len, heads, head_dim]`` at slots ``index .. index+len`` (of ``layer``
-        in a stacked cache). Only the new slots are written, so in a loop XLA updates in place."""
+        in a stacked cache); with ``index: int32[batch]`` (len 1), row ``r`` at slot ``index[r]``.
+        Only the new slots are written, so in a loop XLA updates in place."""
         new = KVCache.from_heads(k, v)
+        if jnp.ndim(index) == 1:
+            rows = jnp.arange(k.shape[0])
+            at = (rows, slice(None), index) if layer is None else (layer, rows, slice(None), index)
+            return KVCache(self.k.at[at].set(new.k[:, :, 0].astype(self.k.dtype)),
+                           self.v.at[at].set(new.v[:, :, 0].astype(self.v.dtype)))
         k, v, start = new.k, new.v, (0, 0, index, 0)
         if layer is not None:
             k, v, start = k[None], v[None], (layer,) + start
@@ -58,11 +65,12 @@ class KVCache(NamedTuple):
 def causal_mask(key_valid: jax.Array, q_len: int, index=0) -> jax.Array:
     """bool[batch, 1, q_len, kv_len]: query ``i`` (at slot ``index+i``) sees valid keys at slots <= its own.
 
-    key_valid: bool[batch, kv_len], False at padding and at slots not written yet.
+    key_valid: bool[batch, kv_len], False at padding and at slots not written yet. index: one slot,
+    or one per row (int32[batch]).
     """
-    q_slot = index + jnp.arange(q_len)[:, None]
-    k_slot = jnp.arange(key_valid.shape[-1])[None, :]
-    return (k_slot <= q_slot)[None, None] & key_valid[:, None, None, :]
+    q_slot = jnp.reshape(index, (-1, 1, 1)) + jnp.arange(q_len)[None, :, None]  # [1 or batch, q_len, 1]
+    k_slot = jnp.arange(key_valid.shape[-1])[None, None, :]
+    return (k_slot <= q_slot)[:, None] & key_valid[:, None, None, :]
 
 
 def padding_mask(key_valid: jax.Array) -> jax.Array:

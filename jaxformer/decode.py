@@ -19,10 +19,11 @@ def sample_logits(logits, key, temperature, top_k, top_p):
     """Draws one token per row from ``logits: float32[b, V]``.
 
     key: one key, or a key per row (shape [b]) so that a row's draws do not depend on its batch.
-    temperature > 0; top_k = 0 keeps all tokens; top_p = 1 keeps all. All three may be traced
-    scalars, so changing them does not recompile. Ties at the cut-off value are kept.
-    Returns int32[b].
+    temperature > 0; top_k = 0 keeps all tokens; top_p = 1 keeps all. Each is a scalar or one value
+    per row ([b]), and may be traced, so changing them does not recompile. Ties at the cut-off value
+    are kept. Returns int32[b].
     """
+    temperature, top_k, top_p = (jnp.reshape(jnp.asarray(x), (-1, 1)) for x in (temperature, top_k, top_p))
     logits = logits.astype(jnp.float32) / temperature
     vocab = logits.shape[-1]
     ranked = -jnp.sort(-logits, axis=-1)  # descending

@@ -1,0 +1,378 @@
+"""GPT-2 continuous batching: a fixed set of decoding slots advanced together by one jitted step.
+
+A request joins when a slot is free: its prompt is prefilled (one jitted forward pass over the
+prompt, padded to a power of two) into that slot's part of the KV cache, and its first token is
+picked. Then every step feeds each active slot's last token at that slot's own position
+(:class:`~jaxformer.attention.KVCache` writes row ``r`` at ``index[r]``) and picks the next tokens
+for all slots at once. A sequence leaves at EOS, a stop sequence, its token limit, the context's
+end or a cancel, and its slot is taken by the next queued request at the next step.
+
+Shapes never depend on the traffic: the cache holds ``window`` positions for every slot, where
+``window`` is a power of two that grows (and shrinks) with the longest active sequence, so a step
+attends over what is used, not over ``n_positions``; prompts are padded to powers of two. Every
+shape is compiled at start-up (``warmup``); :func:`compilations` counts the process's
+compilations (``/health`` shows it), which stay put while serving.
+
+Sampling is :func:`jaxformer.decode.sample_logits` with each slot's own temperature, top-k, top-p
+and key, all traced. Sequence ``j`` of a request with seed ``s`` draws step ``i`` from
+``fold_in(fold_in(key(s), j), i)``, as ``generate(..., seed=s)`` does for row ``j``, so a request
+gives what ``generate`` gives for the same prompt and settings.
+"""
+
+import collections
+import dataclasses
+import functools
+import os
+import queue
+import threading
+import time
+import traceback
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxformer.attention import KVCache
+from jaxformer.decode import sample_logits
+from jaxformer.errors import InputError
+from jaxformer.gpt2.config import GPT2Config
+from jaxformer.gpt2.model import GPT2
+
+TOP_LOGPROBS = 5  # alternatives reported per token (OpenAI's completions allow up to 5)
+ENGINE_THREAD = "jaxformer-engine"  # the decoding loop's thread (compilations there: after warm-up)
+MIN_WINDOW, MIN_PROMPT = 64, 16
+
+
+def pow2(n: int, minimum: int) -> int:
+    return max(minimum, 1 << (max(n, 1) - 1).bit_length())
+
+
+@dataclasses.dataclass
+class Sampling:
+    """One sequence's settings. temperature 0 is greedy."""
+
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int = 0
+    ignore_eos: bool = False
+
+
+@dataclasses.dataclass
+class Token:
+    """One decided token: its id, log-probability and the ``TOP_LOGPROBS`` best alternatives."""
+
+    id: int
+    logprob: float
+    top_ids: list[int]
+    top_logprobs: list[float]
+
+
+class Sequence:
+    """One generated sequence (a request has ``n`` of them). The engine calls ``emit(token)`` for each
+    token and ``finish(reason)`` once (``"stop"``: EOS, ``"length"``: the token limit or the
+    context's end, ``"cancelled"``, ``"error"``: a bug in the engine); ``should_stop()`` lets the
+    caller end it (a stop sequence)."""
+
+    def __init__(self, prompt: list[int], sampling: Sampling, index: int,
+                 emit: Callable[[Token], None], finish: Callable[[str], None],
+                 should_stop: Callable[[], bool] = lambda: False):
+        self.prompt, self.sampling, self.index = prompt, sampling, index
+        self.emit, self.finish, self.should_stop = emit, finish, should_stop
+        self.generated = 0
+        self.cancelled = False
+        self.slot: int | None = None
+
+
+class Compilations:
+    """Counts the XLA compilations of this process by thread name (a ``jax.monitoring`` listener)."""
+
+    EVENT = "/jax/core/compile/backend_compile_duration"
+
+    def __init__(self):
+        self.by_thread: collections.Counter = collections.Counter()
+        jax.monitoring.register_event_duration_secs_listener(self._on_event)
+
+    def _on_event(self, event: str, duration: float, **kwargs) -> None:
+        if event == self.EVENT:
+            self.by_thread[threading.current_thread().name] += 1
+
+    @property
+    def total(self) -> int:
+        return sum(self.by_thread.values())
+
+
+@functools.cache
+def compilations() -> Compilations:
+    """The process's one compilation counter (created, and listening, on first use)."""
+    return Compilations()
+
+
+class QueueFull(RuntimeError):
+    """The engine's queue holds ``max_queue`` sequences; try again later."""
+
+
+class Engine:
+    """Continuous batching over ``slots`` sequences for one GPT-2 (see the module docstring).
+
+    params: with unstacked layers (``config.scan_layers=False``: faster decoding on CPU).
+    max_queue: sequences waiting for a slot beyond which :meth:`submit` raises :class:`QueueFull`.
+    """
+
+    def __init__(self, params, config: GPT2Config, slots: int = 8, max_queue: int = 64, warmup: bool = True):
+        if slots < 1 or max_queue < 0:
+            raise InputError(f"slots={slots} must be >= 1 and max_queue={max_queue} >= 0")
+        self.params, self.config, self.slots, self.max_queue = params, config, slots, max_queue
+        self.eos_id = config.eos_token_id
+        self.model = GPT2(config)
+        compilations()  # count from here on
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._queued = 0
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._seqs: list[Sequence | None] = [None] * slots
+        self._pos = np.zeros(slots, np.int32)  # the position the slot's next token is written at
+        self._last = np.zeros(slots, np.int32)  # the slot's last token (fed at the next step)
+        self._keys = np.array(jax.random.key_data(jax.random.split(jax.random.key(0), slots)))  # per sequence
+        self.window = MIN_WINDOW
+        self._cache = self._zeros(self.window)
+        self._thread = threading.Thread(target=self._run, name=ENGINE_THREAD, daemon=True)
+        self.steps = 0
+        if warmup:
+            self.warmup()
+        self._thread.start()
+
+    # --- public -----------------------------------------------------------------------------------
+
+    @property
+    def active(self) -> int:
+        return sum(s is not None for s in self._seqs)
+
+    @property
+    def queued(self) -> int:
+        return self._queued
+
+    def submit(self, seqs: list[Sequence]) -> None:
+        """Queues the sequences of one request (all or none: QueueFull when they do not fit)."""
+        for s in seqs:
+            if len(s.prompt) + s.sampling.max_tokens > self.config.n_positions:
+                raise InputError(f"prompt of {len(s.prompt)} tokens + max_tokens={s.sampling.max_tokens} exceeds the "
+                                 f"context of {self.config.n_positions} tokens")
+        with self._lock:
+            if self._queued + len(seqs) > self.max_queue + max(0, self.slots - self.active - self._queued):
+                raise QueueFull(f"{self._queued} sequences are waiting for one of {self.slots} slots")
+            self._queued += len(seqs)
+        for s in seqs:
+            self._queue.put(s)
+        self._wake.set()
+
+    def cancel(self, seqs: list[Sequence]) -> None:
+        """Ends the sequences (a client that went away): their slots free at the next step."""
+        for s in seqs:
+            s.cancelled = True
+        self._wake.set()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        self._thread.join(timeout=10)
+
+    # --- compiled functions --------------------------------------------------------------------------
+
+    def _zeros(self, window: int) -> KVCache:
+        c = self.config
+        return KVCache.zeros(self.slots, window, c.n_head, c.head_dim, c.compute_dtype, c.n_layer)
+
+    @functools.partial(jax.jit, static_argnums=0, donate_argnums=2)
+    def _step(self, params, cache, tokens, pos, keys, counts, temperature, top_k, top_p, greedy):
+        """One token for every slot: tokens, pos int32[S]; keys uint32[S, 2] (each sequence's key
+        data) and counts [S] (its tokens so far: the step's key is ``fold_in(key, count)``); the
+        sampling settings [S]. Returns (next int32[S], logprob [S], top ids [S, k], top logprobs
+        [S, k], cache). Inactive slots compute too (their results are ignored)."""
+        window = cache.k.shape[-2]
+        key_valid = jnp.arange(window)[None, :] <= pos[:, None]
+        logits, cache = self.model.apply({"params": params}, tokens[:, None], positions=pos[:, None],
+                                         key_valid=key_valid, cache=cache, index=pos, last_only=True)
+        return (*self._pick(logits[:, 0], keys, counts, temperature, top_k, top_p, greedy), cache)
+
+    @staticmethod
+    def _pick(logits, keys, counts, temperature, top_k, top_p, greedy):
+        keys = jax.vmap(jax.random.fold_in)(jax.random.wrap_key_data(keys), counts)
+        sampled = sample_logits(logits, keys, jnp.where(greedy, 1.0, temperature), top_k, top_p)
+        tok = jnp.where(greedy, jnp.argmax(logits, axis=-1).astype(jnp.int32), sampled)
+        logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+        top_lp, top_ids = jax.lax.top_k(logp, TOP_LOGPROBS)
+        return tok, jnp.take_along_axis(logp, tok[:, None], axis=-1)[:, 0], top_ids, top_lp
+
+    @functools.partial(jax.jit, static_argnums=0)
+    def _prefill(self, params, tokens, length, seed, index, temperature, top_k, top_p, greedy):
+        """One prompt, right-padded: tokens int32[1, P], length int32[]; the sequence's key is
+        ``fold_in(key(seed), index)``. Returns (the first token's pick as in :meth:`_step`, the key's
+        data uint32[2], k, v [L, 1, H, P, d])."""
+        p = tokens.shape[1]
+        cache = KVCache.zeros(1, p, self.config.n_head, self.config.head_dim, self.config.compute_dtype,
+                              self.config.n_layer)
+        logits, cache = self.model.apply({"params": params}, tokens, cache=cache, index=0)
+        last = jax.lax.dynamic_index_in_dim(logits[0], length - 1, keepdims=True)
+        key = jax.random.key_data(jax.random.fold_in(jax.random.key(seed), index))
+        pick = self._pick(last, key[None], jnp.zeros(1, jnp.uint32), temperature, top_k, top_p, greedy)
+        return (*pick, key, cache.k, cache.v)
+
+    @staticmethod
+    @functools.partial(jax.jit, donate_argnums=0)
+    def _insert(cache: KVCache, k, v, slot) -> KVCache:
+        """Writes a prefilled prompt's keys/values into ``slot`` at positions 0 ..."""
+        start = (0, slot, 0, 0, 0)
+        return KVCache(jax.lax.dynamic_update_slice(cache.k, k.astype(cache.k.dtype), start),
+                       jax.lax.dynamic_update_slice(cache.v, v.astype(cache.v.dtype), start))
+
+    @staticmethod
+    @functools.partial(jax.jit, static_argnums=1)
+    def _resize(cache: KVCache, window: int) -> KVCache:
+        """The cache with ``window`` positions: padded with zeros, or cut (nothing active beyond)."""
+        def fit(x):
+            if window <= x.shape[-2]:
+                return x[..., :window, :]
+            return jnp.pad(x, [(0, 0)] * 3 + [(0, window - x.shape[-2]), (0, 0)])
+        return KVCache(fit(cache.k), fit(cache.v))
+
+    def _settings(self, seqs) -> tuple:
+        """The sampling settings of ``seqs`` (None: an idle slot) as arrays for the jitted functions."""
+        s = [seq.sampling if seq else Sampling(1) for seq in seqs]
+        return (np.float32([x.temperature for x in s]), np.int32([x.top_k for x in s]),
+                np.float32([x.top_p for x in s]), np.asarray([x.temperature == 0 for x in s]))
+
+    def warmup(self) -> None:
+        """Compiles every shape serving can meet: each window, each prompt length that fits it, the
+        insertion of a prompt into each window, and the resizes between windows."""
+        windows, w = [], MIN_WINDOW
+        while w < self.config.n_positions:
+            windows.append(w)
+            w *= 2
+        windows.append(w)
+        idle = np.zeros(self.slots, np.int32)
+        for w in windows:
+            cache = self._step(self.params, self._zeros(w), idle, idle, self._keys, idle.astype(np.uint32),
+                               *self._settings([None] * self.slots))[-1]
+            p = MIN_PROMPT
+            while p <= w:
+                *_, k, v = self._prefill(self.params, np.zeros((1, p), np.int32), np.int32(1), np.int32(0),
+                                         np.int32(0), *self._settings([None]))
+                cache = self._insert(cache, k, v, np.int32(0))
+                p *= 2
+            for other in windows:
+                if other != w:
+                    self._resize(cache, other)
+
+    # --- the loop ------------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self._admit()
+                if not self.active:
+                    self._wake.wait(timeout=0.1)
+                    self._wake.clear()
+                    continue
+                self._fit_window()
+                self._advance()
+            except Exception:  # a bug: end what is running (its clients hear "error"), keep serving
+                traceback.print_exc()
+                for slot, seq in enumerate(self._seqs):
+                    if seq is not None:
+                        self._end(slot, "error")
+
+    def _admit(self) -> None:
+        """Prefills queued sequences into free slots, one at a time."""
+        for slot in range(self.slots):
+            if self._seqs[slot] is not None:
+                continue
+            while True:
+                try:
+                    seq = self._queue.get_nowait()
+                except queue.Empty:
+                    return
+                with self._lock:
+                    self._queued -= 1
+                if not seq.cancelled:
+                    break
+                seq.finish("cancelled")
+            self._start(slot, seq)
+
+    def _start(self, slot: int, seq: Sequence) -> None:
+        n = len(seq.prompt)
+        p = pow2(n, MIN_PROMPT)
+        if p > self.window or n + 1 > self.window:
+            self._set_window(pow2(max(p, n + 1), MIN_WINDOW))
+        tokens = np.zeros((1, p), np.int32)
+        tokens[0, :n] = seq.prompt
+        tok, lp, top_ids, top_lp, key, k, v = self._prefill(
+            self.params, tokens, np.int32(n), np.int32(seq.sampling.seed), np.int32(seq.index), *self._settings([seq]))
+        self._keys[slot] = np.asarray(key)
+        self._cache = self._insert(self._cache, k, v, np.int32(slot))
+        seq.slot = slot
+        self._seqs[slot] = seq
+        self._pos[slot] = n
+        tok, lp, top_ids, top_lp = (np.asarray(x)[0] for x in (tok, lp, top_ids, top_lp))  # no device indexing
+        self._deliver(slot, int(tok), float(lp), top_ids, top_lp)
+
+    def _advance(self) -> None:
+        counts = np.asarray([seq.generated if seq else 0 for seq in self._seqs], np.uint32)
+        tok, lp, top_ids, top_lp, self._cache = self._step(self.params, self._cache, self._last, self._pos,
+                                                           self._keys, counts, *self._settings(self._seqs))
+        self.steps += 1
+        tok, lp, top_ids, top_lp = (np.asarray(x) for x in (tok, lp, top_ids, top_lp))
+        for slot, seq in enumerate(self._seqs):
+            if seq is not None:
+                self._pos[slot] += 1
+                self._deliver(slot, int(tok[slot]), float(lp[slot]), top_ids[slot], top_lp[slot])
+
+    def _deliver(self, slot: int, token: int, logprob: float, top_ids, top_lp) -> None:
+        """Hands a decided token to its sequence, and ends the sequence when it is done."""
+        seq = self._seqs[slot]
+        if seq.cancelled:
+            return self._end(slot, "cancelled")
+        seq.generated += 1
+        self._last[slot] = token
+        seq.emit(Token(token, logprob, top_ids.tolist(), top_lp.tolist()))
+        if token == self.eos_id and not seq.sampling.ignore_eos:
+            self._end(slot, "stop")
+        elif seq.should_stop():
+            self._end(slot, "stop")
+        elif seq.generated >= seq.sampling.max_tokens or self._pos[slot] >= self.config.n_positions:
+            self._end(slot, "length")
+
+    def _end(self, slot: int, reason: str) -> None:
+        seq, self._seqs[slot] = self._seqs[slot], None
+        seq.finish(reason)
+
+    def _fit_window(self) -> None:
+        """Grows the window before a sequence would write past it; shrinks it when the longest
+        active sequence fits in a quarter of it."""
+        longest = max(int(self._pos[i]) for i, s in enumerate(self._seqs) if s is not None) + 1
+        if longest > self.window:
+            self._set_window(pow2(longest, MIN_WINDOW))
+        elif self.window > MIN_WINDOW and 4 * longest <= self.window:
+            self._set_window(max(MIN_WINDOW, self.window // 2))
+
+    def _set_window(self, window: int) -> None:
+        if window != self.window:
+            self._cache = self._resize(self._cache, window)
+            self.window = window
+
+
+def new_seed() -> int:
+    return int.from_bytes(os.urandom(4), "little") & 0x7FFFFFFF
+
+
+def wait_idle(engine: Engine, timeout: float = 30.0) -> bool:
+    """Waits (bounded) until the engine has nothing active or queued; for tests and shutdown."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not engine.active and not engine.queued:
+            return True
+        time.sleep(0.01)
+    return False

@@ -1,0 +1,232 @@
+"""The server as clients use it: the official ``openai`` package (plain, streamed, n, stop, seeds,
+errors), many simultaneous streams, a full queue, disconnects, translations, and the web page in
+headless Chromium. Outputs are checked against ``generate()`` and ``TranslatorModel.translate``."""
+
+import concurrent.futures
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import openai
+import pytest
+
+from jaxformer.gpt2.generate import generate
+from jaxformer.gpt2.pretrained import load_pretrained
+from jaxformer.tokenizer import GPT2Tokenizer
+from jaxformer.translator.decode import TranslatorModel
+
+ROOT = Path(__file__).resolve().parents[1]
+SLOTS, MAX_QUEUE = 4, 2
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def get(url: str):
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    with opener.open(url, timeout=30) as r:
+        return json.load(r)
+
+
+@pytest.fixture(scope="module")
+def server(hf_dir, translator_dir, tmp_path_factory):
+    """``scripts/serve.py`` in a subprocess: a small full-vocabulary GPT-2 and a tiny translator."""
+    path, _ = hf_dir("small")
+    port = free_port()
+    log = tmp_path_factory.mktemp("serve") / "serve.log"
+    cmd = [sys.executable, str(ROOT / "scripts" / "serve.py"), "--gpt2", str(path), "--translator", str(translator_dir),
+           "--port", str(port), "--slots", str(SLOTS), "--max-queue", str(MAX_QUEUE)]
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 300
+    while True:
+        assert proc.poll() is None, log.read_text()
+        try:
+            health = get(f"{url}/health")
+            break
+        except OSError:
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.2)
+    config, params, _ = load_pretrained(path, scan_layers=False)
+    yield dict(url=url, name=path.name, config=config, params=params, tok=GPT2Tokenizer.gpt2(),
+               compilations=health["compilations"], translator=translator_dir.name, translator_dir=translator_dir)
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=server["url"] + "/v1", api_key="none", max_retries=0, timeout=120)
+
+
+def reference(server, prompt: str, n: int = 1, **kw) -> list[str]:
+    """``generate()``'s text for the prompt (rows 0 .. n-1 of one batch, as the server numbers them)."""
+    ids = server["tok"].encode(prompt)
+    out = generate(server["params"], server["config"], [ids] * n, stop_at_eos=True, **kw)
+    return [server["tok"].decode(o[:-1] if o and o[-1] == server["config"].eos_token_id else o) for o in out]
+
+
+def test_models_and_health(server, client):
+    assert {(m.id, m.task) for m in client.models.list().data} == {(server["name"], "completion"),
+                                                                    (server["translator"], "translation")}
+    health = get(server["url"] + "/health")
+    assert health["status"] == "ok" and health["slots"] == SLOTS and health["compilations"] > 0
+    assert health["compilations_while_serving"] == 0
+
+
+def test_greedy_and_seeded_sampling_equal_generate(server, client):
+    prompt = "The quick brown fox"
+    got = client.completions.create(model=server["name"], prompt=prompt, max_tokens=20, temperature=0)
+    assert got.choices[0].text == reference(server, prompt, max_new_tokens=20, greedy=True)[0]
+    assert got.usage.prompt_tokens == 4 and got.usage.completion_tokens == 20
+    sampled = client.completions.create(model=server["name"], prompt=prompt, max_tokens=16, temperature=0.9,
+                                        top_p=0.9, seed=11, n=2, extra_body={"top_k": 40})
+    want = reference(server, prompt, n=2, max_new_tokens=16, temperature=0.9, top_p=0.9, top_k=40, seed=11)
+    assert [c.text for c in sorted(sampled.choices, key=lambda c: c.index)] == want
+    assert want[0] != want[1]
+
+
+def test_streaming_sends_the_same_text_token_by_token(server, client):
+    kw = dict(model=server["name"], prompt=["Once upon a time", "To be or not"], max_tokens=12, temperature=0.7, seed=3)
+    whole = client.completions.create(**kw)
+    pieces = {0: [], 1: []}
+    reasons = {}
+    for chunk in client.completions.create(stream=True, **kw):
+        for c in chunk.choices:
+            pieces[c.index].append(c.text)
+            if c.finish_reason:
+                reasons[c.index] = c.finish_reason
+    for c in whole.choices:
+        assert "".join(pieces[c.index]) == c.text and len(pieces[c.index]) > 3
+        assert reasons[c.index] == c.finish_reason
+    # prompt 1 is row 1 of the request, as in generate() with both prompts in one batch
+    assert [c.text for c in sorted(whole.choices, key=lambda c: c.index)] == [
+        reference_row(server, ["Once upon a time", "To be or not"], row, max_new_tokens=12, temperature=0.7, seed=3)
+        for row in (0, 1)]
+
+
+def reference_row(server, prompts, row, **kw) -> str:
+    ids = [server["tok"].encode(p) for p in prompts]
+    out = generate(server["params"], server["config"], ids, **kw)[row]
+    eos = server["config"].eos_token_id
+    return server["tok"].decode(out[:-1] if out and out[-1] == eos else out)
+
+
+def test_stop_sequences_and_logprobs(server, client):
+    full = reference(server, "In the beginning", max_new_tokens=24, greedy=True)[0]
+    stop = full[len(full) // 2: len(full) // 2 + 3]
+    got = client.completions.create(model=server["name"], prompt="In the beginning", max_tokens=24, temperature=0,
+                                    stop=[stop, "@@never@@"], logprobs=3)
+    c = got.choices[0]
+    assert c.finish_reason == "stop" and c.text == full[:full.index(stop)]
+    assert len(c.logprobs.tokens) == len(c.logprobs.token_logprobs) >= 1
+    assert all(len(t) <= 3 for t in c.logprobs.top_logprobs) and all(lp <= 0 for lp in c.logprobs.token_logprobs)
+    streamed = "".join(ch.choices[0].text for ch in client.completions.create(
+        model=server["name"], prompt="In the beginning", max_tokens=24, temperature=0, stop=stop, stream=True))
+    assert streamed == c.text
+
+
+def test_errors_surface_as_openai_exceptions(server, client):
+    name = server["name"]
+    with pytest.raises(openai.NotFoundError, match="does not exist"):
+        client.completions.create(model="nope", prompt="Hi", max_tokens=2)
+    with pytest.raises(openai.BadRequestError, match="temperature=3.0: must lie in"):
+        client.completions.create(model=name, prompt="Hi", max_tokens=2, temperature=3)
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model=name, prompt="Hi", max_tokens=500)
+    assert e.value.code == "context_length_exceeded" and e.value.param == "max_tokens"
+    with pytest.raises(openai.BadRequestError, match="prompt 0 is empty"):
+        client.completions.create(model=name, prompt="", max_tokens=2)
+    with pytest.raises(openai.BadRequestError, match="top_p"):
+        client.completions.create(model=name, prompt="Hi", max_tokens=2, top_p=0)
+    req = urllib.request.Request(server["url"] + "/v1/completions", b"{not json", {"Content-Type": "application/json"})
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.build_opener(urllib.request.ProxyHandler({})).open(req, timeout=30)
+    assert e.value.code == 400 and json.load(e.value)["error"]["code"] == "invalid_json"
+
+
+def test_many_simultaneous_streams_complete_unmixed(server, client):
+    """12 streams at once over 4 slots (the rest queue as they can; a 429 is retried): each gets
+    exactly its own reference text."""
+    prompts = [f"Story number {i} begins with" for i in range(12)]
+
+    def one(i):
+        for _ in range(200):
+            try:
+                text = "".join(ch.choices[0].text for ch in client.completions.create(
+                    model=server["name"], prompt=prompts[i], max_tokens=10, temperature=0.8, seed=100 + i,
+                    stream=True))
+                return text
+            except openai.RateLimitError:
+                time.sleep(0.1)
+        raise AssertionError("never admitted")
+
+    with concurrent.futures.ThreadPoolExecutor(12) as pool:
+        got = list(pool.map(one, range(12)))
+    for i, text in enumerate(got):
+        assert text == reference(server, prompts[i], max_new_tokens=10, temperature=0.8, seed=100 + i)[0], i
+
+
+def test_a_full_queue_answers_429_with_retry_after(server):
+    """4 slots and 2 queue places: of 10 long requests sent at once, some are refused at once
+    with 429 and Retry-After; the others complete; nothing hangs."""
+    def post(i):
+        body = json.dumps(dict(model=server["name"], prompt=f"Request {i}", max_tokens=60, ignore_eos=True)).encode()
+        req = urllib.request.Request(server["url"] + "/v1/completions", body, {"Content-Type": "application/json"})
+        try:
+            with urllib.request.build_opener(urllib.request.ProxyHandler({})).open(req, timeout=120) as r:
+                return r.status, json.load(r)["usage"]["completion_tokens"], None
+        except urllib.error.HTTPError as e:
+            return e.code, None, e.headers.get("Retry-After")
+
+    with concurrent.futures.ThreadPoolExecutor(10) as pool:
+        results = list(pool.map(post, range(10)))
+    codes = sorted(code for code, _, _ in results)
+    assert codes.count(429) >= 1 and codes.count(200) >= SLOTS, results
+    assert all(n == 60 for code, n, _ in results if code == 200)
+    assert all(retry == "1" for code, _, retry in results if code == 429)
+
+
+def test_a_client_that_disconnects_frees_its_slot(server, client):
+    stream = client.completions.create(model=server["name"], prompt="Endless", max_tokens=120,
+                                       stream=True, extra_body={"ignore_eos": True})
+    for i, _ in enumerate(stream):
+        if i == 2:
+            break
+    assert get(server["url"] + "/health")["active"] >= 1
+    stream.close()
+    deadline = time.monotonic() + 20
+    while get(server["url"] + "/health")["active"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert get(server["url"] + "/health")["active"] == 0
+
+
+def test_translations_equal_translate(server):
+    body = json.dumps(dict(model=server["translator"], input=["Hello world.", "", "Bonjour."], beam_size=2)).encode()
+    req = urllib.request.Request(server["url"] + "/v1/translations", body, {"Content-Type": "application/json"})
+    with urllib.request.build_opener(urllib.request.ProxyHandler({})).open(req, timeout=120) as r:
+        got = json.load(r)["translations"]
+    assert got == TranslatorModel.load(server["translator_dir"]).translate(["Hello world.", "", "Bonjour."], beam_size=2)
+
+
+def test_page_in_headless_chromium(server, tmp_path):
+    from page_check import check_page  # the browser steps; a screenshot in tmp_path
+
+    check_page(server["url"], tmp_path / "page.png")
+
+
+def test_no_compilation_after_warmup(server):
+    """Every completion above (prompt lengths 1-8 tokens, 1-12 sequences at once, greedy and
+    sampled, stop sequences, logprobs) reused the shapes compiled at start-up: the decoding thread
+    compiled nothing (the translator compiles its shapes as they come)."""
+    assert get(server["url"] + "/health")["compilations_while_serving"] == 0
