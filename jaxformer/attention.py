@@ -78,24 +78,36 @@ def padding_mask(key_valid: jax.Array) -> jax.Array:
     return key_valid[:, None, None, :]
 
 
-def dot_product_attention(q, k, v, mask, *, scale: float, upcast_qk: bool = False, dropout_fn=None,
-                          probs_fn=None):
+def dot_product_attention(q, k, v, mask, *, scale, upcast_qk: bool = False, dropout_fn=None,
+                          probs_fn=None, heads_major: bool = True):
     """Softmax attention with float32 scores.
 
-    q: [b, tq, h, d]; k, v: [b, h, tk, d] (heads-major, as in KVCache); mask: bool broadcastable
-    to [b, h, tq, tk].
+    q: [b, tq, h, d]; k, v: [b, h, tk, d] heads-major, as in KVCache, or [b, tk, h, d] with
+    ``heads_major=False`` (fresh projections: training, a prefill). mask: bool broadcastable to
+    [b, h, tq, tk], or None for plain causal attention (tq == tk, nothing padded).
     upcast_qk: compute ``q @ k`` in float32 (GPT-2's ``reorder_and_upcast_attn``).
     probs_fn: applied to the attention probabilities float32[b, h, tq, tk] (a tap: capture, edit).
     dropout_fn: applied to the attention probabilities in training, after ``probs_fn``.
     Returns [b, tq, h, d] in v's dtype.
+
+    Fresh keys and values go through ``jax.nn.dot_product_attention`` (cuDNN's fused attention
+    on GPUs, XLA's on CPUs) unless something needs the probabilities themselves (``probs_fn``,
+    ``dropout_fn``) or the scores differ from its (``upcast_qk``, a per-layer traced ``scale``).
     """
+    fused = not heads_major and probs_fn is None and dropout_fn is None and not upcast_qk \
+        and isinstance(scale, (int, float))
+    if fused:
+        return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=float(scale), is_causal=mask is None)
+    if mask is None:
+        mask = causal_mask(jnp.ones((1, q.shape[1]), bool), q.shape[1])
     if upcast_qk:
         q, k = q.astype(jnp.float32), k.astype(jnp.float32)
-    scores = jnp.einsum("bqhd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
+    kv = "bhkd" if heads_major else "bkhd"
+    scores = jnp.einsum(f"bqhd,{kv}->bhqk", q, k, preferred_element_type=jnp.float32) * scale
     scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1)
     if probs_fn is not None:
         probs = probs_fn(probs)
     if dropout_fn is not None:
         probs = dropout_fn(probs)
-    return jnp.einsum("bhqk,bhkd->bqhd", probs.astype(v.dtype), v)
+    return jnp.einsum(f"bhqk,{kv}->bqhd", probs.astype(v.dtype), v)

@@ -62,6 +62,12 @@ def tap(module: nn.Module, name: str, x):
     return x
 
 
+def tapped(module: nn.Module, name: str) -> bool:
+    """Whether this call captures or edits taps of ``module`` (then a value that fused code would
+    not materialise, such as attention probabilities, must be computed)."""
+    return module.is_mutable_collection(CAPTURE) or module.has_variable(EDITS, name)
+
+
 # --- layouts: flat names with stacked layers <-> the model's trees ------------------------------------
 
 def flatten(tree) -> dict[str, object]:

@@ -3,9 +3,11 @@
     python scripts/bench_generate.py --json bench_generate.json
 
 Both run the same random-weight GPT-2 (124M shape by default), greedy, with a KV cache, a
-32-token prompt and 128 new tokens (no early stop). Roofline: the bytes of weights one decode
-step reads, divided by the time per step, as a fraction of a copy bandwidth measured in this run
-(STREAM convention: bytes read + written per second).
+32-token prompt and 128 new tokens (no early stop). ``--dtype``: the weights jaxformer reads while
+decoding, float32, bfloat16 or int8 (jaxformer.gpt2.quantize); Hugging Face runs in float32 or
+bfloat16 (its int8 comparison is float32). Roofline: the bytes of weights one decode step reads
+(in their stored type), divided by the time per step, as a fraction of a copy bandwidth measured in
+this run (STREAM convention: bytes read + written per second).
 """
 
 import json
@@ -29,7 +31,7 @@ def main(argv=None) -> int:
     ap = cli.parser(__doc__)
     ap.add_argument("--preset", default="gpt2", help="GPT-2 size (random weights)")
     ap.add_argument("--batch", type=cli.at_least(1), nargs="+", default=[1, 8])
-    ap.add_argument("--dtype", nargs="+", default=["float32"], choices=["float32", "bfloat16"])
+    ap.add_argument("--dtype", nargs="+", default=["float32"], choices=["float32", "bfloat16", "int8"])
     ap.add_argument("--prompt-len", type=cli.at_least(1), default=32)
     ap.add_argument("--new-tokens", type=cli.at_least(1), default=128)
     ap.add_argument("--repeats", type=cli.at_least(1), default=3, help="timed passes per side, interleaved")
@@ -46,6 +48,7 @@ def bench(args) -> int:
     from jaxformer.gpt2.config import preset
     from jaxformer.gpt2.generate import generate
     from jaxformer.gpt2.hf import hf_to_params
+    from jaxformer.gpt2.quantize import to_decoding
 
     on_gpu = jax.devices()[0].platform == "gpu"
     tdev = "cuda" if on_gpu and torch.cuda.is_available() else "cpu"
@@ -61,11 +64,12 @@ def bench(args) -> int:
     rng = np.random.RandomState(0)
     cases = []
     for dtype in args.dtype:
-        config = base.replace(dtype=dtype, param_dtype=dtype, scan_layers=False)
-        params = jax.device_put(hf_to_params(state, config))
+        config = base.replace(scan_layers=False)
+        params, config = to_decoding(hf_to_params(state, config), config, "float" if dtype == "float32" else dtype)
+        params = jax.device_put(params)
         # Weights one decode step reads: everything but the position table (one row of it is read).
         weight_bytes = sum(x.nbytes for x in jax.tree.leaves(params)) - params["wpe"]["embedding"].nbytes
-        tmodel = hf_model.to(tdev, dtype=getattr(torch, dtype))
+        tmodel = hf_model.to(tdev, dtype=torch.bfloat16 if dtype == "bfloat16" else torch.float32)
         for b in args.batch:
             prompts = rng.randint(0, config.vocab_size, (b, args.prompt_len)).tolist()
             run = lambda: generate(params, config, prompts, max_new_tokens=args.new_tokens,  # noqa: E731
@@ -91,7 +95,8 @@ def bench(args) -> int:
             t = best_times(fns, args.repeats)
             jf_s = t["jaxformer"]
             step_s = jf_s / args.new_tokens
-            case = dict(batch=b, dtype=dtype, prompt_len=args.prompt_len, new_tokens=args.new_tokens,
+            case = dict(batch=b, dtype=dtype, hf_dtype="bfloat16" if dtype == "bfloat16" else "float32",
+                        weight_bytes=weight_bytes, prompt_len=args.prompt_len, new_tokens=args.new_tokens,
                         jaxformer_tok_s=b * args.new_tokens / jf_s, compile_s=first_call - jf_s, jaxformer_s=jf_s,
                         roofline_fraction=weight_bytes / step_s / bw)
             if "hf" in t:

@@ -41,9 +41,14 @@ from jaxformer.translator.torch_model import from_flax
 from jaxformer.translator.train import TranslationTrainConfig, make_loss_fn
 
 
-def bench_train(cfg, run, params, batches, repeats):
+def autocast(tdev: str, dtype: str):
+    return torch.autocast(tdev, dtype=torch.bfloat16, enabled=dtype == "bfloat16")
+
+
+def bench_train(cfg, run, params, batches, repeats, tdev):
     """Target (non-PAD) tokens per second over ``batches`` for JAX and PyTorch (model config
-    ``cfg``, run config ``run``: AdamW with the Noam schedule, label smoothing)."""
+    ``cfg``, run config ``run``: AdamW with the Noam schedule, label smoothing; ``cfg.dtype``
+    bfloat16: PyTorch under bf16 autocast)."""
     tokens = sum(int((b.tgt_out != tk.PAD_ID).sum()) for b in batches)
     schedule = make_schedule(run, cfg.d_model)
     opt = make_optimizer(run, schedule)
@@ -56,37 +61,41 @@ def bench_train(cfg, run, params, batches, repeats):
             box[0], m = step(box[0], d)
         jax.block_until_ready(box[0])
 
-    model = from_flax(params, cfg).train()
+    model = from_flax(params, cfg).to(tdev).train()
     topt = torch.optim.AdamW(model.parameters(), lr=1.0, betas=(run.b1, run.b2), eps=run.eps,
                              weight_decay=run.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(topt, lambda s: float(schedule(s)))
-    tb = [tuple(torch.from_numpy(x).long() for x in (b.src, b.tgt_in, b.tgt_out)) for b in batches]
+    tb = [tuple(torch.from_numpy(x).long().to(tdev) for x in (b.src, b.tgt_in, b.tgt_out)) for b in batches]
 
     def run_torch():
         for src, tgt_in, tgt_out in tb:
-            logits = model(src, tgt_in)
+            with autocast(tdev, cfg.dtype):
+                logits = model(src, tgt_in).float()
             loss = torch.nn.functional.cross_entropy(logits.reshape(-1, cfg.vocab_size), tgt_out.reshape(-1),
                                                      ignore_index=tk.PAD_ID, label_smoothing=run.label_smoothing)
             topt.zero_grad(set_to_none=True)
             loss.backward()
             topt.step()
             sched.step()
+        if tdev == "cuda":
+            torch.cuda.synchronize()
 
     t = best_times(dict(jax=run_jax, torch=run_torch), repeats)
     return tokens / t["jax"], tokens / t["torch"]
 
 
-def bench_translate(cfg, params, tok, sentences, repeats):
+def bench_translate(cfg, params, tok, sentences, repeats, tdev):
     """Sentences per second: JAX greedy, JAX beam 4, PyTorch book-style greedy."""
     jmodel = TranslatorModel(cfg, params, tok, batch_size=len(sentences))
-    tmodel = from_flax(params, cfg).eval()
+    tmodel = from_flax(params, cfg).to(tdev).eval()
     ids = [i[:cfg.max_len - 1] for i in tk.encode(tok, sentences)]
     length = max(len(i) for i in ids) + 1
-    src = torch.from_numpy(pad_sources(ids, len(ids), length)).long()
+    src = torch.from_numpy(pad_sources(ids, len(ids), length)).long().to(tdev)
     max_len = output_len(cfg, length)
 
     def run_torch():
-        return tk.decode(tok, tmodel.greedy_book(src, max_len).numpy())
+        with autocast(tdev, cfg.dtype):
+            return tk.decode(tok, tmodel.greedy_book(src, max_len).cpu().numpy())
 
     fns = {1: lambda: jmodel.translate(sentences, beam_size=1), 4: lambda: jmodel.translate(sentences, beam_size=4),
            "torch": run_torch}
@@ -105,6 +114,8 @@ def main(argv=None) -> int:
     ap.add_argument("--sentences", type=cli.at_least(1), default=256)
     ap.add_argument("--repeats", type=cli.at_least(1), default=2, help="timed passes, interleaved")
     ap.add_argument("--threads", type=cli.at_least(0), default=0, help="torch threads (default: all cores)")
+    ap.add_argument("--dtype", nargs="+", default=["float32"], choices=["float32", "bfloat16"],
+                    help="compute dtypes (PyTorch: bf16 autocast)")
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args(argv)
     return cli.run(lambda: bench(args), args.debug)
@@ -138,27 +149,32 @@ def bench(args) -> int:
     test = splits["test"]
     sentences = [p[0] for p in test[::max(1, len(test) // args.sentences)][:args.sentences]]
 
+    tdev = "cuda" if jax.devices()[0].platform == "gpu" and torch.cuda.is_available() else "cpu"
     print(f"config: d_model {cfg.d_model}, layers {cfg.enc_layers}+{cfg.dec_layers}, heads {cfg.n_heads}, "
           f"d_ff {cfg.d_ff}, vocab {cfg.vocab_size}; weights: {'trained ' + args.model if args.model else 'random'}; "
-          f"jax {jax.__version__} on {jax.devices()[0].platform}, torch {torch.__version__} "
+          f"jax {jax.__version__} on {jax.devices()[0].platform}, torch {torch.__version__} on {tdev} "
           f"with {torch.get_num_threads()} threads")
-    jax_tps, torch_tps = bench_train(cfg, run, params, batches, args.repeats)
-    sps, same = bench_translate(cfg, params, tok, sentences, args.repeats)
-    rows, (b_rows, b_len) = [], batches[0].src.shape
-    cases = [
-        dict(name=f"train step ({b_rows}x{b_len} batches)", jaxformer=jax_tps, pytorch=torch_tps, unit="target tokens/s"),
-        dict(name=f"translate {len(sentences)} greedy (vs book greedy)", jaxformer=sps[1], pytorch=sps["torch"],
-             unit="sentences/s"),
-        dict(name=f"translate {len(sentences)} beam 4 (vs book greedy)", jaxformer=sps[4], pytorch=sps["torch"],
-             unit="sentences/s"),
-    ]
+    rows, cases, agreement, (b_rows, b_len) = [], [], {}, batches[0].src.shape
+    for dtype in args.dtype:
+        dcfg = cfg.replace(dtype=dtype)
+        jax_tps, torch_tps = bench_train(dcfg, run, params, batches, args.repeats, tdev)
+        sps, agreement[dtype] = bench_translate(dcfg, params, tok, sentences, args.repeats, tdev)
+        cases += [
+            dict(name=f"train step ({b_rows}x{b_len} batches)", dtype=dtype, jaxformer=jax_tps, pytorch=torch_tps,
+                 unit="target tokens/s"),
+            dict(name=f"translate {len(sentences)} greedy (vs book greedy)", dtype=dtype, jaxformer=sps[1],
+                 pytorch=sps["torch"], unit="sentences/s"),
+            dict(name=f"translate {len(sentences)} beam 4 (vs book greedy)", dtype=dtype, jaxformer=sps[4],
+                 pytorch=sps["torch"], unit="sentences/s"),
+        ]
     for c in cases:
         c["speedup"] = c["jaxformer"] / c["pytorch"]
-        rows.append(f"{c['name']:<44} {c['jaxformer']:>12.1f} {c['pytorch']:>12.1f} {c['speedup']:>8.2f}x  {c['unit']}")
-    print(f"{'case':<44} {'jaxformer':>12} {'pytorch':>12} {'speedup':>9}")
+        rows.append(f"{c['name']:<44} {c['dtype']:>9} {c['jaxformer']:>12.1f} {c['pytorch']:>12.1f} "
+                    f"{c['speedup']:>8.2f}x  {c['unit']}")
+    print(f"{'case':<44} {'dtype':>9} {'jaxformer':>12} {'pytorch':>12} {'speedup':>9}")
     print("\n".join(rows))
-    print(f"greedy outputs identical to the PyTorch book decoder: {same:.1%}; timing: {STATISTIC}")
-    write_json(args.json, dict(device=device_name(), cases=cases, greedy_agreement=same,
+    print(f"greedy outputs identical to the PyTorch book decoder: {agreement}; timing: {STATISTIC}")
+    write_json(args.json, dict(device=device_name(), cases=cases, greedy_agreement=agreement,
                                config=dataclasses.asdict(cfg), model=args.model))
     return 0
 

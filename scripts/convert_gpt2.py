@@ -19,7 +19,13 @@ def main(argv=None) -> int:
     ap.add_argument("--to-hf", action="store_true", help="convert a jaxformer checkpoint to HF format")
     ap.add_argument("--tokenizer", help="directory with tokenizer files to copy when SRC has none")
     ap.add_argument("--overwrite", action="store_true", help="write into a DST that already holds files")
+    ap.add_argument("--dtype", choices=["bfloat16"], help="store bfloat16 weights for decoding (jaxformer format)")
+    ap.add_argument("--quantize", choices=["int8"], help="store int8 weights for decoding (jaxformer format)")
     args = ap.parse_args(argv)
+    if args.to_hf and (args.dtype or args.quantize):
+        ap.error("--to-hf writes float32 weights; --dtype / --quantize are for jaxformer checkpoints")
+    if args.dtype and args.quantize:
+        ap.error("give --dtype or --quantize, not both")
     return cli.run(lambda: convert(args), args.debug)
 
 
@@ -39,7 +45,7 @@ def convert(args) -> int:
     if args.to_hf and not (is_jaxformer_checkpoint(args.src) or is_training_run(args.src)):
         raise InputError(f"{args.src}: not a jaxformer checkpoint (config.json and params/) or training run")
     cli.check_output(args.dst, args.overwrite)
-    config, params, _ = load_pretrained(args.src)
+    config, params, _ = load_pretrained(args.src, weights=args.quantize or args.dtype)
     tok_src = args.tokenizer or (hf.resolve(args.src) if not args.to_hf else args.src)
     tok_src = tok_src if has_tokenizer(tok_src) else None
     if args.to_hf:
@@ -47,7 +53,8 @@ def convert(args) -> int:
     else:
         save_pretrained(args.dst, config, params, tokenizer_dir=tok_src)
     n = sum(x.size for x in jax.tree.leaves(params))
-    print(f"wrote {Path(args.dst)} ({'HF' if args.to_hf else 'jaxformer'} format, {n:,} parameters, "
+    print(f"wrote {Path(args.dst)} ({'HF' if args.to_hf else 'jaxformer'} format, {config.weights} weights, "
+          f"{n:,} parameters, "
           f"n_layer={config.n_layer}, n_embd={config.n_embd}{', tokenizer copied' if tok_src else ', no tokenizer'})")
     return 0
 

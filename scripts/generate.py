@@ -25,12 +25,16 @@ def main(argv=None) -> int:
     ap.add_argument("--top-p", type=cli.number_in(0, 1, low_open=True), default=1.0, help="1 disables")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--num-samples", type=cli.at_least(1), default=1, help="samples per prompt")
-    ap.add_argument("--dtype", choices=["float32", "bfloat16"], help="compute dtype (default: the model's)")
+    ap.add_argument("--dtype", choices=["float32", "bfloat16"],
+                    help="weights as read while decoding: bfloat16 halves the bytes (default: the model's)")
+    ap.add_argument("--quantize", choices=["int8"], help="int8 weights with a scale per output (a quarter)")
     ap.add_argument("--tokenizer", help="tokenizer directory, when the model has none")
     ap.add_argument("--json", action="store_true", help="one JSON object per output line")
     args = ap.parse_args(argv)
     if args.greedy and args.num_samples > 1:
         ap.error("--num-samples > 1 needs sampling, not --greedy")
+    if args.dtype and args.quantize:
+        ap.error("give --dtype or --quantize, not both")
     return cli.run(lambda: run(args), args.debug)
 
 
@@ -39,8 +43,8 @@ def run(args) -> int:
     from jaxformer.gpt2.pretrained import load_pretrained
     from jaxformer.tokenizer import GPT2Tokenizer
 
-    overrides = dict(scan_layers=False, **({"dtype": args.dtype} if args.dtype else {}))
-    config, params, tok = load_pretrained(args.model, **overrides)
+    weights = args.quantize or {"float32": "float", "bfloat16": "bfloat16"}.get(args.dtype)
+    config, params, tok = load_pretrained(args.model, weights=weights, scan_layers=False)
     if args.tokenizer:
         tok = GPT2Tokenizer.from_dir(args.tokenizer)
     tok = tok or GPT2Tokenizer.gpt2()

@@ -24,11 +24,14 @@ def main(argv=None) -> int:
     ap.add_argument("--port", type=cli.at_least(1), default=8000)
     ap.add_argument("--slots", type=cli.at_least(1), default=8, help="GPT-2 sequences decoded together")
     ap.add_argument("--max-queue", type=cli.at_least(0), default=64, help="sequences that may wait for a slot")
-    ap.add_argument("--dtype", choices=["float32", "bfloat16"], help="GPT-2 compute dtype (default: the model's)")
+    ap.add_argument("--dtype", choices=["float32", "bfloat16"], help="GPT-2 weights as read while decoding")
+    ap.add_argument("--quantize", choices=["int8"], help="GPT-2 weights as int8 with a scale per output")
     ap.add_argument("--no-warmup", action="store_true", help="compile shapes on first use instead of at start")
     args = ap.parse_args(argv)
     if not args.gpt2 and not args.translator:
         ap.error("give --gpt2 MODEL, --translator MODEL, or both")
+    if args.dtype and args.quantize:
+        ap.error("give --dtype or --quantize, not both")
     return cli.run(lambda: serve(args), args.debug)
 
 
@@ -59,8 +62,8 @@ def serve(args) -> int:
         from jaxformer.tokenizer import GPT2Tokenizer
 
         t0 = time.perf_counter()
-        overrides = dict(scan_layers=False, **({"dtype": args.dtype} if args.dtype else {}))
-        config, params, tok = load_pretrained(args.gpt2, **overrides)
+        weights = args.quantize or {"float32": "float", "bfloat16": "bfloat16"}.get(args.dtype)
+        config, params, tok = load_pretrained(args.gpt2, weights=weights, scan_layers=False)
         engine = Engine(params, config, slots=args.slots, max_queue=args.max_queue, warmup=not args.no_warmup)
         models.append(Served(model_name(args.gpt2), "completion", engine, tok or GPT2Tokenizer.gpt2()))
         print(f"GPT-2 {models[-1].name}: {config.n_layer} layers, {args.slots} slots, compiled in "

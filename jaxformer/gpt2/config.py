@@ -45,6 +45,10 @@ class GPT2Config(Config):
     dtype: str = param("float32", "compute dtype (logits, softmax and loss stay float32)", choices=DTYPES)
     param_dtype: str = param("float32", "parameter dtype", choices=DTYPES)
     remat: bool = param(False, "recompute each block in the backward pass (saves memory)")
+    weights: str = param("float", "how Dense kernels and the token embedding are stored: float (param_dtype, "
+                                  "[in, out] as Hugging Face's), or for decoding bfloat16 or int8 ([out, in]; int8 "
+                                  "with a float32 scale per output), see jaxformer.gpt2.quantize",
+                         choices=("float", "bfloat16", "int8"))
     # Layers as one nn.scan over stacked params (flat compile time; training) or as separate
     # modules h_0 .. h_{L-1} (no per-layer weight slicing: faster decoding on CPU).
     scan_layers: bool = param(True, "layers as one nn.scan over stacked params (false: h_0 .. h_{L-1})")

@@ -16,6 +16,7 @@ from jaxformer.config import read_json
 from jaxformer.errors import CheckpointError
 from jaxformer.gpt2.config import GPT2Config
 from jaxformer.gpt2.model import init_params, stack_layers, unstack_layers
+from jaxformer.gpt2.quantize import to_float
 
 # HF key (below "transformer.") -> path in the params tree. One table per direction is this table.
 TOP_LEVEL = {
@@ -166,7 +167,9 @@ def load_hf(src: str | Path, **config_overrides) -> tuple[GPT2Config, dict]:
 # --- jaxformer -> HF -------------------------------------------------------------------------------
 
 def params_to_hf(params, config: GPT2Config) -> dict[str, np.ndarray]:
-    """Params tree -> ``GPT2LMHeadModel`` state dict (numpy); lm_head.weight only when untied."""
+    """Params tree -> ``GPT2LMHeadModel`` state dict (numpy); lm_head.weight only when untied.
+    Low-precision decoding weights are converted back to float32 first."""
+    params, config = to_float(params, config)
     if not config.scan_layers:
         params = stack_layers(params, config.n_layer)
 

@@ -32,10 +32,13 @@ import jax.numpy as jnp
 from jaxformer.activations import activation
 from jaxformer.attention import KVCache, causal_mask, dot_product_attention
 from jaxformer.gpt2.config import GPT2Config
-from jaxformer.taps import CAPTURE, EDITS, tap
+from jaxformer.gpt2.quantize import LowPrecisionDense, LowPrecisionEmbed
+from jaxformer.taps import CAPTURE, EDITS, tap, tapped
 
 
 def _dense(cfg: GPT2Config, features: int, name: str, std: float | None = None):
+    if cfg.weights != "float":
+        return LowPrecisionDense(features, cfg.weights, name=name)
     return nn.Dense(
         features, name=name, dtype=cfg.compute_dtype, param_dtype=jnp.dtype(cfg.param_dtype),
         kernel_init=nn.initializers.normal(std or cfg.initializer_range),
@@ -53,26 +56,31 @@ class CausalSelfAttention(nn.Module):
 
     @nn.compact
     def __call__(self, x, mask, layer_idx, cache: KVCache | None, index):
-        """x: [b, t, D]; mask: bool[b, 1, t, kv_len]; cache: stacked over layers, this layer's
-        slots are written at ``index``. Returns ([b, t, D], updated cache)."""
+        """x: [b, t, D]; mask: bool[b, 1, t, kv_len], or None for plain causal attention without a
+        cache; cache: stacked over layers, this layer's slots are written at ``index``. Returns
+        ([b, t, D], updated cache)."""
         cfg = self.config
         b, t, _ = x.shape
         qkv = _dense(cfg, 3 * cfg.n_embd, "c_attn")(x)
         q, k, v = (tap(self, n, a.reshape(b, t, cfg.n_head, cfg.head_dim))
                    for n, a in zip("qkv", jnp.split(qkv, 3, axis=-1)))
+        # Training and a prefill from slot 0 attend over their own keys; decoding steps over the cache.
+        fresh = cache is None or (t > 1 and isinstance(index, int) and index == 0)
         if cache is not None:
             cache = cache.update(k, v, index, layer=layer_idx)
-            k, v = (a.astype(q.dtype) for a in cache.layer(layer_idx))
-        else:
-            k, v = KVCache.from_heads(k, v)
+            if fresh:
+                mask = mask[..., :t]
+            else:
+                k, v = (a.astype(q.dtype) for a in cache.layer(layer_idx))
         scale = cfg.head_dim**-0.5 if cfg.scale_attn_weights else 1.0
         if cfg.scale_attn_by_inverse_layer_idx:
-            scale = scale / (jnp.asarray(layer_idx, jnp.float32) + 1)
+            scale = scale / (layer_idx + 1)  # traced under nn.scan
         dropout = None
         if not self.deterministic and cfg.attn_pdrop > 0:
             dropout = lambda p: nn.Dropout(cfg.attn_pdrop)(p, deterministic=False)  # noqa: E731
+        probs_fn = (lambda p: tap(self, "pattern", p)) if tapped(self, "pattern") else None
         y = dot_product_attention(q, k, v, mask, scale=scale, upcast_qk=cfg.reorder_and_upcast_attn,
-                                  dropout_fn=dropout, probs_fn=lambda p: tap(self, "pattern", p))
+                                  dropout_fn=dropout, probs_fn=probs_fn, heads_major=not fresh)
         y = tap(self, "z", y)
         std = cfg.initializer_range / math.sqrt(2 * cfg.n_layer)
         y = _dense(cfg, cfg.n_embd, "c_proj", std)(y.reshape(b, t, cfg.n_embd))
@@ -134,14 +142,18 @@ class GPT2(nn.Module):
         b, t = tokens.shape
         if positions is None:
             positions = jnp.broadcast_to(index + jnp.arange(t), (b, t))
-        if key_valid is None:
-            key_valid = jnp.ones((b, t if cache is None else cache.max_len), bool)
-        mask = causal_mask(key_valid, t, index)
+        if key_valid is None and cache is None:
+            mask = None  # plain causal (fused attention can skip the masked half)
+        else:
+            if key_valid is None:
+                key_valid = jnp.ones((b, cache.max_len), bool)
+            mask = causal_mask(key_valid, t, index)
 
         emb = lambda n, name: nn.Embed(  # noqa: E731
             n, cfg.n_embd, name=name, dtype=cfg.compute_dtype, param_dtype=jnp.dtype(cfg.param_dtype),
             embedding_init=nn.initializers.normal(cfg.initializer_range))
-        wte = emb(cfg.vocab_size, "wte")
+        wte = emb(cfg.vocab_size, "wte") if cfg.weights == "float" else \
+            LowPrecisionEmbed(cfg.vocab_size, cfg.n_embd, cfg.weights, name="wte")
         x = tap(self, "embed", wte(tokens)) + tap(self, "pos_embed", emb(cfg.n_positions, "wpe")(positions))
         x = nn.Dropout(cfg.embd_pdrop)(x, deterministic=self.deterministic)
 
@@ -161,6 +173,8 @@ class GPT2(nn.Module):
         x = tap(self, "ln_final", _layer_norm(cfg, "ln_f")(x))
         # Contract with the embedding as stored ([V, D]): a transposed copy would cost a full
         # extra pass over the largest matrix at every decoding step.
+        if cfg.weights != "float":
+            return wte.attend(x), cache
         if cfg.tie_word_embeddings:
             head, spec = wte.embedding, "btd,vd->btv"
         else:

@@ -15,6 +15,7 @@ from jaxformer.checkpoint import load_run_params, restore_pytree, save_pytree
 from jaxformer.gpt2 import hf
 from jaxformer.gpt2.config import GPT2Config
 from jaxformer.gpt2.model import init_params, stack_layers, unstack_layers
+from jaxformer.gpt2.quantize import to_decoding, to_float
 from jaxformer.tokenizer import GPT2Tokenizer, copy_tokenizer_files, has_tokenizer
 
 
@@ -42,14 +43,26 @@ def save_pretrained(dst: str | Path, config: GPT2Config, params, tokenizer_dir: 
     return dst
 
 
-def load_pretrained(src: str | Path, **config_overrides) -> tuple[GPT2Config, dict, GPT2Tokenizer | None]:
+def load_pretrained(src: str | Path, weights: str | None = None,
+                    **config_overrides) -> tuple[GPT2Config, dict, GPT2Tokenizer | None]:
     """(config, params, tokenizer or None) from a jaxformer checkpoint or training run, a HF
     directory or a hub id.
 
-    config_overrides, e.g. ``dtype="bfloat16"`` or ``scan_layers=False`` (faster decoding on CPU),
-    apply on top of the stored config; params are cast to the resulting ``param_dtype``. Weights
-    that do not fit the config are a CheckpointError naming the key and both shapes.
+    config_overrides, e.g. ``scan_layers=False`` (faster decoding on CPU), apply on top of the
+    stored config; params are cast to the resulting ``param_dtype``. weights: ``"bfloat16"`` or
+    ``"int8"`` converts float weights for decoding (:mod:`jaxformer.gpt2.quantize`), ``"float"``
+    converts them back; None loads them as stored. Weights that do not fit the config are a
+    CheckpointError naming the key and both shapes.
     """
+    config, params, tokenizer = _load(src, **config_overrides)
+    if weights == "float":
+        params, config = to_float(params, config)
+    elif weights is not None and weights != config.weights:
+        params, config = to_decoding(params, config, weights)
+    return config, params, tokenizer
+
+
+def _load(src, **config_overrides):
     if is_jaxformer_checkpoint(src) or is_training_run(src):
         path = Path(src)
         config = GPT2Config.load(path / "config.json").replace(**config_overrides)

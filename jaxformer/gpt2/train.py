@@ -93,6 +93,9 @@ class LMTask(Task):
         self.config = GPT2Config.load(out / "config.json")
         self.tokenizer = GPT2Tokenizer.from_dir(out)
         train_tokens, val_tokens = (np.load(out / "data" / f"{n}.npy", mmap_mode="r") for n in ("train", "val"))
+        if self.config.weights != "float":
+            raise InputError(f"the model's weights are {self.config.weights} (for decoding); training needs float "
+                             "weights: start from a float checkpoint")
         if cfg.seq_len > self.config.n_positions:
             raise InputError(f"seq_len={cfg.seq_len} exceeds the model's n_positions={self.config.n_positions}")
         self.train_windows = gdata.Windows(train_tokens, cfg.seq_len, "the training split")

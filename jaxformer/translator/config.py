@@ -35,6 +35,8 @@ class TranslatorConfig(Config):
     tie_embeddings: bool = param(True, "one table for source, target and output projection")
     layer_norm_eps: float = param(1e-5, "LayerNorm epsilon", gt=0)
     max_len: int = param(64, "tokens per sentence incl. BOS/EOS; longer training pairs are dropped", ge=2)
+    dtype: str = param("float32", "compute dtype (parameters stay float32; logits and loss are float32)",
+                       choices=("float32", "bfloat16"))
 
     def __post_init__(self):
         super().__post_init__()

@@ -38,7 +38,7 @@ from jaxformer.attention import (
     dot_product_attention,
     padding_mask,
 )
-from jaxformer.taps import tap
+from jaxformer.taps import tap, tapped
 from jaxformer.translator.config import TranslatorConfig
 from jaxformer.translator.tokenizer import PAD_ID
 
@@ -50,8 +50,12 @@ def sinusoidal(positions, d: int):
     return jnp.stack([jnp.sin(angle), jnp.cos(angle)], axis=-1).reshape(positions.shape + (d,))
 
 
-def _dense(features: int, name: str | None = None):
-    return nn.Dense(features, kernel_init=nn.initializers.xavier_uniform(), name=name)
+def _dense(cfg: TranslatorConfig, features: int, name: str | None = None):
+    return nn.Dense(features, kernel_init=nn.initializers.xavier_uniform(), dtype=jnp.dtype(cfg.dtype), name=name)
+
+
+def _layer_norm(cfg: TranslatorConfig):
+    return nn.LayerNorm(cfg.layer_norm_eps, dtype=jnp.dtype(cfg.dtype))
 
 
 class Attention(nn.Module):
@@ -60,7 +64,7 @@ class Attention(nn.Module):
 
     def setup(self):
         d = self.cfg.d_model
-        self.query, self.key, self.value, self.out = _dense(d), _dense(d), _dense(d), _dense(d)
+        self.query, self.key, self.value, self.out = (_dense(self.cfg, d) for _ in range(4))
         self.dropout = nn.Dropout(self.cfg.dropout)
 
     def _heads(self, x):  # [b, t, d] -> [b, t, h, d/h]
@@ -70,20 +74,26 @@ class Attention(nn.Module):
         """Keys and values of ``x: [b, t, d]`` as a KVCache ``[b, h, t, d/h]``."""
         return KVCache.from_heads(self._heads(self.key(x)), self._heads(self.value(x)))
 
-    def __call__(self, x, mask, kv: KVCache | None = None, cache: KVCache | None = None, index=0):
-        """x: [b, t, d] queries; kv: keys/values to attend to (default: projected from x);
+    def __call__(self, x, mask, memory=None, cache: KVCache | None = None, index=0):
+        """x: [b, t, d] queries. memory: what to attend to: None (x itself), an encoder output
+        [b, S, d] (projected here), or its projection as a KVCache [b, h, S, d/h] (decoding).
         cache: self-attention cache, x's keys are written at slot ``index`` and all slots attended.
         mask: bool broadcastable to [b, h, t, kv_len]. Returns ([b, t, d], cache)."""
         q = tap(self, "q", self._heads(self.query(x)))
         if cache is not None:
             kv = cache = cache.update(self._heads(self.key(x)), self._heads(self.value(x)), index)
-        elif kv is None:
-            kv = self.kv(x)
+            k, v, heads_major = kv.k, kv.v, True
+        elif isinstance(memory, KVCache):
+            k, v, heads_major = memory.k, memory.v, True
+        else:
+            src = x if memory is None else memory
+            k, v, heads_major = self._heads(self.key(src)), self._heads(self.value(src)), False
         drop = None
         if not self.deterministic and self.cfg.dropout > 0:
             drop = lambda p: self.dropout(p, deterministic=False)  # noqa: E731
-        y = dot_product_attention(q, kv.k, kv.v, mask, scale=self.cfg.head_dim**-0.5, dropout_fn=drop,
-                                  probs_fn=lambda p: tap(self, "pattern", p))
+        probs_fn = (lambda p: tap(self, "pattern", p)) if tapped(self, "pattern") else None
+        y = dot_product_attention(q, k, v, mask, scale=self.cfg.head_dim**-0.5, dropout_fn=drop, probs_fn=probs_fn,
+                                  heads_major=heads_major)
         return self.out(tap(self, "z", y).reshape(x.shape)), cache
 
 
@@ -92,8 +102,8 @@ class FeedForward(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        h = tap(self, "post", activation(self.cfg.activation)(_dense(self.cfg.d_ff, "up")(x)))
-        return _dense(self.cfg.d_model, "down")(h)
+        h = tap(self, "post", activation(self.cfg.activation)(_dense(self.cfg, self.cfg.d_ff, "up")(x)))
+        return _dense(self.cfg, self.cfg.d_model, "down")(h)
 
 
 class _Residual(nn.Module):
@@ -115,7 +125,7 @@ class EncoderLayer(_Residual):
     def setup(self):
         self.attn = Attention(self.cfg, self.deterministic)
         self.ff = FeedForward(self.cfg)
-        self.ln_1, self.ln_2 = (nn.LayerNorm(self.cfg.layer_norm_eps) for _ in range(2))
+        self.ln_1, self.ln_2 = (_layer_norm(self.cfg) for _ in range(2))
         self.drop = nn.Dropout(self.cfg.dropout)
 
     def __call__(self, x, mask):
@@ -130,13 +140,14 @@ class DecoderLayer(_Residual):
         self.self_attn = Attention(self.cfg, self.deterministic)
         self.cross_attn = Attention(self.cfg, self.deterministic)
         self.ff = FeedForward(self.cfg)
-        self.ln_1, self.ln_2, self.ln_3 = (nn.LayerNorm(self.cfg.layer_norm_eps) for _ in range(3))
+        self.ln_1, self.ln_2, self.ln_3 = (_layer_norm(self.cfg) for _ in range(3))
         self.drop = nn.Dropout(self.cfg.dropout)
 
-    def __call__(self, x, self_mask, enc_kv: KVCache, cross_mask, cache=None, index=0):
+    def __call__(self, x, self_mask, memory, cross_mask, cache=None, index=0):
+        """memory: the encoder output [b, S, d], or its cross-attention KVCache (decoding)."""
         x = tap(self, "resid_pre", x)
         x, cache = self.residual(x, self.ln_1, lambda h: self.self_attn(h, self_mask, cache=cache, index=index))
-        x, _ = self.residual(tap(self, "resid_mid", x), self.ln_2, lambda h: self.cross_attn(h, cross_mask, kv=enc_kv))
+        x, _ = self.residual(tap(self, "resid_mid", x), self.ln_2, lambda h: self.cross_attn(h, cross_mask, memory))
         x, _ = self.residual(tap(self, "resid_cross", x), self.ln_3, lambda h: (self.ff(h), None))
         return tap(self, "resid_post", x), cache
 
@@ -149,17 +160,17 @@ class Translator(nn.Module):
 
     def setup(self):
         cfg, det = self.cfg, self.deterministic
-        emb = lambda: nn.Embed(cfg.vocab_size, cfg.d_model,  # noqa: E731
+        emb = lambda: nn.Embed(cfg.vocab_size, cfg.d_model, dtype=jnp.dtype(cfg.dtype),  # noqa: E731
                                embedding_init=nn.initializers.normal(cfg.d_model**-0.5))
         if cfg.tie_embeddings:
             self.embed = emb()
         else:
             self.src_embed, self.tgt_embed = emb(), emb()
-            self.out = _dense(cfg.vocab_size)
+            self.out = _dense(cfg, cfg.vocab_size)
         self.enc = [EncoderLayer(cfg, det, name=f"enc_{i}") for i in range(cfg.enc_layers)]
         self.dec = [DecoderLayer(cfg, det, name=f"dec_{i}") for i in range(cfg.dec_layers)]
         if cfg.pre_ln:
-            self.enc_ln, self.dec_ln = nn.LayerNorm(cfg.layer_norm_eps), nn.LayerNorm(cfg.layer_norm_eps)
+            self.enc_ln, self.dec_ln = _layer_norm(cfg), _layer_norm(cfg)
         self.dropout = nn.Dropout(cfg.dropout)
 
     def _embed(self, side: str, tokens, positions, table):
@@ -190,7 +201,7 @@ class Translator(nn.Module):
         x = self._embed("dec", tgt_in, jnp.arange(tgt_in.shape[1]), table)
         self_mask, cross_mask = causal_mask(tgt_in != PAD_ID, tgt_in.shape[1]), padding_mask(src_valid)
         for layer in self.dec:
-            x, _ = layer(x, self_mask, layer.cross_attn.kv(enc), cross_mask)
+            x, _ = layer(x, self_mask, enc, cross_mask)
         return self._logits(x)
 
     def __call__(self, src, tgt_in):
