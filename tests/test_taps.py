@@ -311,3 +311,30 @@ def test_attention_map_and_induction_scripts_write_pictures(hf_dir, translator_d
     scores = json.loads((tmp_path / "h.json").read_text())
     assert np.asarray(scores["induction"]).shape == (3, 4) and len(scores["ablations"]) == 3
     assert (tmp_path / "h" / "scores.png").is_file()
+
+
+def test_logit_lens_ends_at_the_model_output_and_figures_draw(tmp_path):
+    """The lens's last row is the model's own prediction; the figures write readable PNGs."""
+    from jaxformer import figures
+    from jaxformer.gpt2.config import preset
+    from jaxformer.gpt2.inspect import hf_outputs, logit_lens
+    from jaxformer.gpt2.model import init_params
+
+    config = preset("tiny", vocab_size=97)
+    params = init_params(config.replace(initializer_range=0.5), jax.random.key(0))
+    tokens = np.arange(9, dtype=np.int32)[None] * 7 % 97
+    top, prob = logit_lens(params, tokens, config=config)
+    logits = np.asarray(GPT2(config).apply({"params": params}, tokens)[0], np.float64)
+    p = np.exp(logits - logits.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    assert top.shape == (config.n_layer + 1, 1, 9)
+    np.testing.assert_array_equal(top[-1], p.argmax(-1))
+    np.testing.assert_allclose(prob[-1], p.max(-1), rtol=1e-5)
+    got = hf_outputs(params, tokens, config=config)
+    np.testing.assert_allclose(got["logits"], logits, atol=1e-5)
+    words = [f"tok{i}" for i in range(9)]
+    figures.attention_grid(tmp_path / "a.png", np.asarray(got["attentions"][0, 0]), words, words, "layer 0")
+    figures.layer_averages(tmp_path / "b.png", np.asarray(got["attentions"][:, 0]), words, words, "all")
+    figures.logit_lens(tmp_path / "c.png", words, [[f"t{j}" for j in r] for r in np.asarray(top[:, 0])],
+                       np.asarray(prob[:, 0]), "lens")
+    assert all((tmp_path / f"{n}.png").read_bytes()[:4] == b"\x89PNG" for n in "abc")

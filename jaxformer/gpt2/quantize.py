@@ -6,11 +6,12 @@ With ``config.weights`` ``"bfloat16"`` or ``"int8"`` the Dense kernels are store
 the token embedding (which is also the tied LM head; int8: a scale per vocabulary row). Layer
 norms, biases and position embeddings stay float32; activations, logits and softmax are float32.
 
-:func:`project` is the one place that multiplies by such weights. A decoding step (few rows) is a
-multiply-and-reduce over the output-major kernel that XLA fuses with the conversion, reading the
-small weights once; on this CPU ``dot`` with bfloat16 or int8 operands is an order of magnitude
-slower, and a ``[in, out]`` layout makes the reduction stride across memory (measured in
-``docs/decoding.md``). More rows (a prompt) use one matmul on the weights converted to float32.
+:func:`project` is the one place that multiplies by such weights. Up to ``MATVEC_ROWS`` rows (a
+decoding step, a short prompt) it is a convert-multiply-reduce over the output-major kernel, which
+XLA:CPU fuses (a library reduction) so that the small weights are read once and never converted
+as a whole; on this CPU a ``dot`` with bfloat16 operands is over ten times slower at one row, and
+the ``[in, out]`` layout makes the reduction stride across memory. More rows use one matmul on the
+weights converted to float32. Measurements: ``docs/decoding.md``.
 """
 
 import math
@@ -23,7 +24,7 @@ import numpy as np
 from jaxformer.errors import InputError
 
 WEIGHTS = ("float", "bfloat16", "int8")
-MATVEC_ROWS = 8  # up to this many rows per call: the fused multiply-reduce; above: a matmul
+MATVEC_ROWS = 64  # up to this many rows per call: the fused multiply-reduce; above: a matmul
 
 
 def project(x, kernel, scale=None):
@@ -31,8 +32,11 @@ def project(x, kernel, scale=None):
     with ``scale`` float32[N]); float32[..., N]."""
     x = x.astype(jnp.float32)
     w = kernel.astype(jnp.float32)
-    if math.prod(x.shape[:-1]) <= MATVEC_ROWS:
-        y = jnp.sum(x[..., None, :] * w, axis=-1)
+    rows = math.prod(x.shape[:-1])
+    if rows == 1:  # a vector: XLA vectorises this reduction well (with a leading 1 it does not)
+        y = jnp.sum(w * x.reshape(-1), axis=-1).reshape(x.shape[:-1] + w.shape[:1])
+    elif rows <= MATVEC_ROWS:  # as [rows, 1, K] x [N, K]: more leading axes crash XLA:CPU's library fusion
+        y = jnp.sum(x.reshape(rows, 1, -1) * w, axis=-1).reshape(x.shape[:-1] + w.shape[:1])
     else:
         y = jnp.einsum("...k,nk->...n", x, w)
     return y if scale is None else y * scale
@@ -78,7 +82,9 @@ class LowPrecisionEmbed(nn.Module):
 
     def attend(self, x):
         """Logits float32[..., V] of hidden states x [..., D]."""
-        return project(x, self.embedding, self.scale)
+        # The barrier keeps XLA from sharing one float32 copy of the table between the lookup and
+        # this product (a full extra write and read of the largest matrix at every step).
+        return project(x, jax.lax.optimization_barrier(self.embedding), self.scale)
 
 
 def _quantize_rows(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -109,12 +115,11 @@ def to_decoding(params, config, weights: str):
         elif names[-2:] == ["wte", "embedding"]:
             w = leaf
         else:
-            return leaf
+            return jnp.asarray(leaf)
         if weights == "bfloat16":
             return jnp.asarray(w, jnp.bfloat16)
-        flat = w.reshape(-1, w.shape[-1])
-        q, s = _quantize_rows(flat)
-        return {"q": q.reshape(w.shape), "scale": s.reshape(w.shape[:-1])}
+        q, s = _quantize_rows(w.reshape(-1, w.shape[-1]))
+        return {"q": jnp.asarray(q.reshape(w.shape)), "scale": jnp.asarray(s.reshape(w.shape[:-1]))}
 
     converted = jax.tree_util.tree_map_with_path(convert, params)
     return _split_scales(converted), config.replace(weights=weights)
