@@ -23,6 +23,11 @@ def label(text: str) -> str:
     return text if len(text) <= 14 else text[:13] + "…"
 
 
+def _panel(tokens: int) -> float:
+    """Inches for a heatmap side of ``tokens`` labelled cells (readable, bounded)."""
+    return min(8.0, max(3.0, 0.22 * tokens + 1.2))
+
+
 def _save(fig, path: Path) -> Path:
     path = Path(path)
     tmp = path.with_suffix(".tmp.png")
@@ -43,9 +48,7 @@ def attention_grid(path, maps, rows: list[str], cols: list[str], title: str) -> 
     names = [f"head {h}" for h in range(len(maps))] + ["average of heads"]
     n_cols = min(4, len(panels))
     n_rows = -(-len(panels) // n_cols)
-    cell = 0.28
-    w = max(3.0, cell * len(cols) + 1.2)
-    h = max(2.6, cell * len(rows) + 1.2)
+    w, h = _panel(len(cols)), _panel(len(rows))
     fig, axes = plt.subplots(n_rows, n_cols, figsize=(w * n_cols, h * n_rows), squeeze=False)
     for ax in axes.flat[len(panels):]:
         ax.axis("off")
@@ -62,9 +65,7 @@ def layer_averages(path, maps, rows: list[str], cols: list[str], title: str) -> 
     """Every layer's head-averaged attention side by side; maps: float[L, H, rows, cols]."""
     plt = _plt()
     maps = np.asarray(maps, np.float32).mean(1)
-    cell = 0.28
-    fig, axes = plt.subplots(1, len(maps), figsize=(max(3.0, cell * len(cols) + 1.2) * len(maps),
-                                                    max(2.6, cell * len(rows) + 1.2)), squeeze=False)
+    fig, axes = plt.subplots(1, len(maps), figsize=(_panel(len(cols)) * len(maps), _panel(len(rows))), squeeze=False)
     for i, (ax, m) in enumerate(zip(axes[0], maps)):
         ax.imshow(m, cmap="viridis", vmin=0.0, vmax=1.0, aspect="auto")
         ax.set_xticks(range(len(cols)), [label(c) for c in cols], rotation=90, fontsize=8)
@@ -81,7 +82,7 @@ def logit_lens(path, tokens: list[str], top: list[list[str]], prob, title: str) 
     plt = _plt()
     prob = np.asarray(prob, np.float32)
     n_layers, t = prob.shape
-    fig, ax = plt.subplots(figsize=(max(4.0, 0.9 * t + 1.5), max(2.5, 0.42 * n_layers + 1.2)))
+    fig, ax = plt.subplots(figsize=(min(24.0, max(4.0, 0.55 * t + 1.5)), max(2.5, 0.42 * n_layers + 1.2)))
     im = ax.imshow(prob, cmap="Blues", vmin=0.0, vmax=1.0, aspect="auto", origin="lower")
     for layer in range(n_layers):
         for pos in range(t):

@@ -2,13 +2,16 @@
 
     python scripts/induction_heads.py --model runs/shakespeare --out maps/heads --json heads.json
 
-Each of ``--batch`` sequences is ``--length`` random tokens followed by the same tokens again. A
-head's *induction score* is the mean attention a token in the second half pays to the token right
-after its earlier occurrence (offset ``length - 1`` back); its *previous-token score* the mean
-attention to the token just before. A model that copies in context predicts the second half far
-better than the first; ablating (zeroing) its induction heads should take that away. Printed: the
-scores of every head, and the loss on each half with no head, the top induction heads, and as many
-other heads ablated. ``scores.png``: the two scores as layer x head heatmaps.
+Each of ``--batch`` sequences is ``--length`` random tokens followed by the same tokens again (drawn
+from the ``--common`` most frequent tokens of a training run's data, so that the input is not out
+of distribution; default: the whole vocabulary). A head's *induction score* is the mean attention a
+token in the second half pays to the token right after its earlier occurrence (offset
+``length - 1`` back); its *previous-token score* the mean attention to the token just before. A
+model that copies in context predicts the second half far better than the first; ablating
+(zeroing) its induction heads should take that away. Printed: the scores of every head, and the
+loss on each half (and, for a training run, on its validation text) with no head, the top
+induction heads, the top previous-token heads, and the lowest-scoring heads ablated.
+``scores.png``: the two scores as layer x head heatmaps.
 """
 
 import sys
@@ -21,7 +24,8 @@ def main(argv=None) -> int:
     ap.add_argument("--model", required=True, help="GPT-2: jaxformer checkpoint or run directory, HF directory")
     ap.add_argument("--length", type=cli.at_least(2), default=50, help="random tokens before the repeat")
     ap.add_argument("--batch", type=cli.at_least(1), default=32, help="sequences")
-    ap.add_argument("--top", type=cli.at_least(1), default=2, help="induction heads to ablate")
+    ap.add_argument("--top", type=cli.at_least(1), default=2, help="heads of each kind to ablate")
+    ap.add_argument("--common", type=cli.at_least(2), help="draw tokens from the run's N most frequent ones")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", help="directory for scores.png")
     ap.add_argument("--json", help="write the scores and losses here")
@@ -45,38 +49,57 @@ def run(args) -> int:
     config, params, _ = load_pretrained(args.model, scan_layers=False)
     if 2 * args.length > config.n_positions:
         raise InputError(f"--length {args.length}: twice it exceeds the model's n_positions={config.n_positions}")
+    data = Path(args.model) / "data"
     rng = np.random.default_rng(args.seed)
-    half = rng.integers(0, min(config.vocab_size, 50000), (args.batch, args.length)).astype(np.int32)
-    tokens = np.concatenate([half, half], axis=1)
+    if args.common:
+        if not (data / "train.npy").is_file():
+            raise InputError(f"--common needs a training run's data ({data / 'train.npy'} is missing)")
+        ids, counts = np.unique(np.load(data / "train.npy"), return_counts=True)
+        half = rng.choice(ids[np.argsort(-counts)][:args.common], (args.batch, args.length))
+    else:
+        half = rng.integers(0, config.vocab_size, (args.batch, args.length))
+    tokens = np.concatenate([half, half], axis=1).astype(np.int32)
     n = args.length
+    text = None
+    if (data / "val.npy").is_file():  # natural text: the run's validation split
+        val = np.load(data / "val.npy")
+        rows = min(8, (len(val) - 1) // (2 * n))
+        text = val[:rows * 2 * n + 1]
+        text = np.stack([text[i * 2 * n:(i + 1) * 2 * n + 1] for i in range(rows)]).astype(np.int32) if rows else None
+
+    def nll(edits, x):
+        logits, got = taps.apply(GPT2(config), params, x[:, :2 * n], edits=edits, capture="h/attn/pattern")
+        logp = jax.nn.log_softmax(logits[0], axis=-1)
+        return -jnp.take_along_axis(logp[:, :-1], x[:, 1:2 * n, None], axis=-1)[..., 0], got["h/attn/pattern"]
 
     @jax.jit
     def forward(edits):
-        logits, got = taps.apply(GPT2(config), params, tokens, edits=edits, capture="h/attn/pattern")
-        logp = jax.nn.log_softmax(logits[0], axis=-1)
-        nll = -jnp.take_along_axis(logp[:, :-1], tokens[:, 1:, None], axis=-1)[..., 0]  # [b, 2n - 1]
-        return nll[:, :n - 1].mean(), nll[:, n:].mean(), got["h/attn/pattern"]  # first, second half
+        loss, pattern = nll(edits, tokens)  # [b, 2n - 1]
+        natural = nll(edits, text)[0].mean() if text is not None else jnp.nan
+        return loss[:, :n - 1].mean(), loss[:, n:].mean(), natural, pattern  # first half, second half
 
-    first, second, pattern = forward(None)
+    first, second, natural, pattern = forward(None)
     pattern = np.asarray(pattern)  # [L, b, H, 2n, 2n]
     q = np.arange(n, 2 * n)
     induction = pattern[:, :, :, q, q - n + 1].mean(axis=(1, 3))  # [L, H]
     previous = pattern[:, :, :, np.arange(1, 2 * n), np.arange(2 * n - 1)].mean(axis=(1, 3))
-    order = np.argsort(-induction, axis=None)
-    top = [tuple(int(x) for x in np.unravel_index(i, induction.shape)) for i in order[:args.top]]
-    others = [tuple(int(x) for x in np.unravel_index(i, induction.shape)) for i in order[::-1][:args.top]]
-    rows = [("none", [], float(first), float(second))]
-    for name, heads in (("top induction heads", top), ("lowest-scoring heads", others)):
-        f, s, _ = forward(taps.ablate_heads(config.n_layer, config.n_head, heads))
-        rows.append((name, heads, float(f), float(s)))
+    def ranked(score):
+        return [tuple(int(x) for x in np.unravel_index(i, score.shape)) for i in np.argsort(-score, axis=None)]
+    top_induction, top_previous = ranked(induction)[:args.top], ranked(previous)[:args.top]
+    lowest = [h for h in ranked(-np.maximum(induction, previous)) if h not in top_induction + top_previous]
+    rows = [("none", [], float(first), float(second), float(natural))]
+    for name, heads in (("top induction heads", top_induction), ("top previous-token heads", top_previous),
+                        ("lowest-scoring other heads", lowest[:args.top])):
+        f, s, t, _ = forward(taps.ablate_heads(config.n_layer, config.n_head, heads))
+        rows.append((name, heads, float(f), float(s), float(t)))
 
     print(f"{'layer.head':>10} {'induction':>10} {'previous-token':>15}")
     for layer in range(config.n_layer):
         for head in range(config.n_head):
             print(f"{layer:>6}.{head:<3} {induction[layer, head]:>10.3f} {previous[layer, head]:>15.3f}")
-    print(f"\n{'ablated':<22} {'heads':<22} {'loss, 1st half':>15} {'loss, 2nd half':>15}")
-    for name, heads, f, s in rows:
-        print(f"{name:<22} {' '.join(f'{a}.{b}' for a, b in heads) or '-':<22} {f:>15.3f} {s:>15.3f}")
+    print(f"\n{'ablated':<26} {'heads':<16} {'loss, 1st half':>15} {'loss, 2nd half':>15} {'loss, text':>11}")
+    for name, heads, f, s, t in rows:
+        print(f"{name:<26} {' '.join(f'{a}.{b}' for a, b in heads) or '-':<16} {f:>15.3f} {s:>15.3f} {t:>11.3f}")
     if args.out:
         import matplotlib
 
@@ -97,8 +120,8 @@ def run(args) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(dict(
             length=n, batch=args.batch, induction=induction.round(4).tolist(), previous=previous.round(4).tolist(),
-            ablations=[dict(ablated=name, heads=[f"{a}.{b}" for a, b in heads], loss_first_half=f, loss_second_half=s)
-                       for name, heads, f, s in rows]), indent=1) + "\n")
+            ablations=[dict(ablated=name, heads=[f"{a}.{b}" for a, b in heads], loss_first_half=f, loss_second_half=s,
+                            loss_text=None if np.isnan(t) else t) for name, heads, f, s, t in rows]), indent=1) + "\n")
     return 0
 
 

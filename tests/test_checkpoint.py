@@ -6,6 +6,7 @@ import textwrap
 import time
 
 import numpy as np
+import pytest
 
 from jaxformer.checkpoint import restore_pytree, save_pytree
 
@@ -17,6 +18,7 @@ def test_replace_and_restore(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ck"]
 
 
+@pytest.mark.slow
 def test_kill_at_any_moment_leaves_a_whole_checkpoint(tmp_path):
     """SIGKILL a save of a large tree at several moments: the old or the new tree restores, whole."""
     old = np.full((4,), 7.0, np.float32)

@@ -53,6 +53,7 @@ def test_sequences_joining_and_leaving_equal_generate(engine):
     assert compilations().by_thread[ENGINE_THREAD] == 0
 
 
+@pytest.mark.slow
 def test_full_queue_is_refused_and_cancel_frees_the_slot(engine):
     long = [sequence([1, 2, 3], Sampling(100, temperature=0, ignore_eos=True), i) for i in range(4)]
     engine.submit([long[0][0], long[1][0]])  # both slots

@@ -26,7 +26,7 @@ def random_ids(config, shape, seed=0):
     return np.random.RandomState(seed).randint(0, config.vocab_size, shape).astype(np.int32)
 
 
-@pytest.mark.parametrize("name", ["tiny", "flags", "relu", "real"])
+@pytest.mark.parametrize("name", ["tiny", "flags", "relu", pytest.param("real", marks=pytest.mark.slow)])
 def test_logits_match_hf(hf_dir, name):
     path, model = hf_dir(name)
     config, params, _ = load_pretrained(path)
@@ -53,7 +53,7 @@ def test_unstacked_layers_match_hf(hf_dir, name, tmp_path):
         np.testing.assert_array_equal(back[key], value, err_msg=key)
 
 
-@pytest.mark.parametrize("name", ["tiny", "flags", "real"])
+@pytest.mark.parametrize("name", ["tiny", "flags", pytest.param("real", marks=pytest.mark.slow)])
 def test_cached_decoding_matches_uncached_hf(hf_dir, name):
     """Prefill 10 tokens, then feed 6 one at a time through the cache; compare with HF's full forward."""
     path, model = hf_dir(name)
@@ -69,7 +69,8 @@ def test_cached_decoding_matches_uncached_hf(hf_dir, name):
     np.testing.assert_allclose(np.concatenate(steps, axis=1), hf_logits(model, ids), atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("name, scan", [("tiny", True), ("flags", False), ("real", False)])
+@pytest.mark.parametrize("name, scan", [("tiny", True), ("flags", False),
+                                        pytest.param("real", False, marks=pytest.mark.slow)])
 def test_greedy_matches_hf_generate(hf_dir, name, scan):
     path, model = hf_dir(name)
     config, params, _ = load_pretrained(path, scan_layers=scan)

@@ -5,8 +5,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 import transformers
+
+pytestmark = pytest.mark.slow  # the whole module: end-to-end runs
 
 ROOT = Path(__file__).resolve().parents[1]
 

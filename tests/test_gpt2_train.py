@@ -164,6 +164,7 @@ def test_flops_per_token_counts_matmul_weights():
     assert 0.85e9 < want < 0.9e9  # ~ 6 * 124M + attention, as usually quoted
 
 
+@pytest.mark.slow
 def test_grad_accumulation_equals_one_big_batch():
     """Without dropout, 2 micro-batches of 4 give the update of one batch of 8 (the shared step)."""
     from jaxformer import sharding as sh
@@ -223,6 +224,7 @@ def test_read_split_and_tokenize(tmp_path):
 
 # --- runs ----------------------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_reference_run_learns_logs_and_exports(reference):
     out, ref, _ = reference
     records = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
@@ -250,6 +252,7 @@ def test_reference_run_learns_logs_and_exports(reference):
     np.testing.assert_allclose(got, np.asarray(want), atol=1e-4)
 
 
+@pytest.mark.slow
 def test_kill9_during_checkpoint_write_then_resume_is_bitwise(corpus, reference, tmp_path):
     """kill -9 inside the write of checkpoint 40 (files written, not yet committed): checkpoint 20
     still restores, and 20 + resume + 20 steps equal the 40 straight steps bitwise."""
@@ -279,6 +282,7 @@ def test_kill9_during_checkpoint_write_then_resume_is_bitwise(corpus, reference,
     assert losses(out / "metrics.jsonl") == ref
 
 
+@pytest.mark.slow
 def test_sigterm_checkpoints_and_exits_zero(corpus, tmp_path):
     out = tmp_path / "run"
     step, _ = sigterm_after_logging([sys.executable, SCRIPT, *cli(corpus, out, "--steps", "100000", "--ckpt-every",
@@ -286,6 +290,7 @@ def test_sigterm_checkpoints_and_exits_zero(corpus, tmp_path):
     assert Checkpoints(out).latest_step() == step >= 3
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_naming_the_step(corpus, tmp_path, capsys):
     out = tmp_path / "run"
     # a huge learning rate: step 1's update overflows the weights, step 2's loss is not finite
@@ -295,11 +300,13 @@ def test_nan_loss_stops_naming_the_step(corpus, tmp_path, capsys):
     assert Checkpoints(out).latest_step() == 1
 
 
+@pytest.mark.slow
 def test_refuses_to_overwrite_a_run_without_resume(corpus, reference, capsys):
     assert main(cli(corpus, reference[0])) == 2
     assert "already holds a run: pass --resume" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_damaged_newest_checkpoint_is_skipped_and_the_run_redone_bitwise(reference, tmp_path, capsys):
     """A real run's newest checkpoint (40) truncated: --resume warns naming it, sets it aside,
     continues from 20 and ends with the reference's parameters; with every checkpoint damaged it
@@ -328,6 +335,7 @@ def test_damaged_newest_checkpoint_is_skipped_and_the_run_redone_bitwise(referen
 
 # --- sharded and multi-process runs -----------------------------------------------------------------
 
+@pytest.mark.slow
 def test_mesh_data4_fsdp2_matches_one_device_and_restores_on_another_mesh(corpus, reference, tmp_path):
     """8 virtual CPU devices: data=4,fsdp=2 losses equal the 1-device run within 1e-5 over 20
     steps; its step-10 checkpoint restores on fsdp=8 and continues with the same losses."""
@@ -367,6 +375,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_processes_match_one(corpus, reference, tmp_path):
     """2 processes on localhost (jax.distributed.initialize with a local coordinator, one CPU device
     each, mesh data=2): same losses as the 1-process run; the shared checkpoint restores."""
@@ -384,6 +393,7 @@ def test_two_processes_match_one(corpus, reference, tmp_path):
     assert Checkpoints(out).latest_step() == 20
 
 
+@pytest.mark.slow
 def test_fine_tune_from_exported_hf_in_bf16(corpus, reference, tmp_path):
     """--init from the reference run's HF export (its tokenizer comes along), bf16 compute: the
     first loss is the trained model's, not a fresh one's."""

@@ -107,6 +107,7 @@ def test_cadence_length_best_and_numbers(tmp_path):
     assert stored["steps"] == 12 and stored["lr"] == 0.05  # the preset's run fields were applied
 
 
+@pytest.mark.slow
 def test_epochs_and_minutes_limit_the_run(tmp_path):
     assert train(Toy, tmp_path / "e", run=dict(epochs=1.2), progress=False)["step"] == 6  # ceil(1.2 * 5)
     r = train(Toy, tmp_path / "m", run=dict(max_minutes=1e-9, log_every=1000), progress=False)
@@ -115,6 +116,7 @@ def test_epochs_and_minutes_limit_the_run(tmp_path):
         train(Toy, tmp_path / "n", progress=False)
 
 
+@pytest.mark.slow
 def test_resume_is_bitwise_and_keeps_settings(tmp_path):
     straight = train(Toy, tmp_path / "a", run=dict(steps=10, log_every=2, eval_every=4), progress=False)
     train(Toy, tmp_path / "b", run=dict(steps=5, log_every=2, eval_every=4), progress=False)

@@ -52,6 +52,7 @@ def test_project_equals_float64_matmul(rows):
     np.testing.assert_allclose(project(x, w16), want, rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("weights, logit_atol, min_agreement", [("bfloat16", 0.05, 0.9), ("int8", 0.2, 0.75)])
 def test_low_precision_logits_and_greedy_tokens_track_float32(hf_dir, weights, logit_atol, min_agreement):
     """The 124M shape (random weights, Hugging Face's initialisation): logits within a bound of
@@ -73,6 +74,7 @@ def test_low_precision_logits_and_greedy_tokens_track_float32(hf_dir, weights, l
     assert agree >= min_agreement, agree
 
 
+@pytest.mark.slow
 def test_quantized_checkpoints_save_load_and_convert(hf_dir, tmp_path, capsys):
     import convert_gpt2
     import generate as generate_script
@@ -99,6 +101,7 @@ def test_quantized_checkpoints_save_load_and_convert(hf_dir, tmp_path, capsys):
     np.testing.assert_allclose(hf_logits, GPT2(fconfig).apply({"params": fparams}, ids)[0], atol=1e-4)
 
 
+@pytest.mark.slow
 def test_training_refuses_low_precision_weights(hf_dir, tmp_path):
     path, _ = hf_dir("tiny")
     config, params, _ = load_pretrained(path, weights="bfloat16")

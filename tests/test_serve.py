@@ -21,6 +21,8 @@ from jaxformer.gpt2.pretrained import load_pretrained
 from jaxformer.tokenizer import GPT2Tokenizer
 from jaxformer.translator.decode import TranslatorModel
 
+pytestmark = pytest.mark.slow  # the whole module: end-to-end runs
+
 ROOT = Path(__file__).resolve().parents[1]
 SLOTS, MAX_QUEUE = 4, 2
 

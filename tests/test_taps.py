@@ -44,7 +44,8 @@ def head_hook(head: int, head_dim: int, factor: float = 0.0):
     return hook
 
 
-@pytest.mark.parametrize("name, scan", [("tiny", True), ("flags", False), ("relu", True), ("real", False)])
+@pytest.mark.parametrize("name, scan", [("tiny", True), ("flags", False), ("relu", True),
+                                        pytest.param("real", False, marks=pytest.mark.slow)])
 def test_hidden_states_and_attentions_match_hf(hf_dir, name, scan):
     path, model = hf_dir(name)
     config, params, _ = load_pretrained(path, scan_layers=scan)
@@ -243,6 +244,7 @@ def test_translator_head_ablation_matches_zeroed_torch_columns():
     assert np.abs(np.asarray(logits) - np.asarray(plain)).max() > 1e-2
 
 
+@pytest.mark.slow
 def test_translation_with_edits_equals_the_edited_greedy_loop(translator_dir):
     """The translator's KV-cache decoding under an ablated cross-attention head: beam 1 equals a
     greedy loop re-running the edited model on the whole prefix."""
@@ -268,6 +270,7 @@ def test_translation_with_edits_equals_the_edited_greedy_loop(translator_dir):
     assert got == tk.decode(model.tokenizer, [seq[1:]])[0]
 
 
+@pytest.mark.slow
 def test_capture_script_matches_hf(hf_dir, capsys, tmp_path):
     """scripts/capture.py on a Hugging Face directory, with and without an ablated head."""
     import capture
@@ -290,6 +293,7 @@ def test_capture_script_matches_hf(hf_dir, capsys, tmp_path):
     assert "heads ablated: 1.2" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_attention_map_and_induction_scripts_write_pictures(hf_dir, translator_dir, tmp_path):
     import json
 

@@ -88,6 +88,7 @@ def test_beam_one_equals_greedy(params):
     np.testing.assert_array_equal(np.asarray(seqs[:, 0]), np.asarray(greedy))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("beam", [1, 4])
 def test_batch_equals_sentences_one_by_one(params, tokenizer, beam):
     model = TranslatorModel(CFG, params, tokenizer, batch_size=8)

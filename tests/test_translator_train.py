@@ -22,6 +22,8 @@ from jaxformer.translator.config import TranslatorConfig, preset
 from jaxformer.translator.decode import TranslatorModel
 from jaxformer.translator.train import TranslationTask
 
+pytestmark = pytest.mark.slow  # the whole module: end-to-end runs
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

@@ -47,7 +47,10 @@ def _generate(variables, tokens, prompt_valid, row_keys, limit, temperature, top
 
     def step(tok, state):
         cache, i = state
-        logits, cache = model.apply(variables, tok[:, None], positions=(next_pos + i)[:, None],
+        # Tied to the loop counter, low-precision weights stay loop-variant: otherwise XLA hoists
+        # their conversion to float32 out of the loop and every step reads the float32 copy.
+        step_vars, _ = jax.lax.optimization_barrier((variables, i))
+        logits, cache = model.apply(step_vars, tok[:, None], positions=(next_pos + i)[:, None],
                                     key_valid=key_valid, cache=cache, index=t + i, last_only=True)
         return logits[:, 0], (cache, i + 1)
 
