@@ -97,6 +97,8 @@ def dot_product_attention(q, k, v, mask, *, scale, upcast_qk: bool = False, drop
     fused = not heads_major and probs_fn is None and dropout_fn is None and not upcast_qk \
         and isinstance(scale, (int, float))
     if fused:
+        if mask is not None:  # a query with no valid key (an all-padding row) attends to every key:
+            mask = mask | ~mask.any(-1, keepdims=True)  # finite, as below, where fused kernels may give NaN
         return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=float(scale), is_causal=mask is None)
     if mask is None:
         mask = causal_mask(jnp.ones((1, q.shape[1]), bool), q.shape[1])

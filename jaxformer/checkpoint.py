@@ -37,6 +37,10 @@ class CheckpointMismatch(CheckpointError):
     """An intact checkpoint whose arrays do not fit the config (not damage: nothing is skipped)."""
 
 
+class CheckpointDamaged(CheckpointError):
+    """A checkpoint whose files do not match their seal, or an unsealed one that cannot be read."""
+
+
 def _sync(name: str) -> None:
     if jax.process_count() > 1:
         multihost_utils.sync_global_devices(name)
@@ -67,7 +71,7 @@ def seal(directory: str | Path) -> None:
 
 def verify(directory: str | Path) -> bool:
     """Checks the files of a checkpoint against its seal; returns False when it has none.
-    Raises :class:`CheckpointError` naming the first missing, truncated or altered file."""
+    Raises :class:`CheckpointDamaged` naming the first missing, truncated or altered file."""
     directory = Path(directory)
     if not directory.is_dir():
         raise CheckpointError(f"{directory}: no such checkpoint directory")
@@ -76,15 +80,15 @@ def verify(directory: str | Path) -> bool:
     try:
         files = json.loads((directory / SEAL).read_text())
     except (OSError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{directory / SEAL}: unreadable ({e})") from None
+        raise CheckpointDamaged(f"{directory / SEAL}: unreadable ({e})") from None
     for rel, (size, crc) in files.items():
         path = directory / rel
         if not path.is_file():
-            raise CheckpointError(f"{path} is missing")
+            raise CheckpointDamaged(f"{path} is missing")
         if path.stat().st_size != size:
-            raise CheckpointError(f"{path} has {path.stat().st_size} bytes, {size} were written")
+            raise CheckpointDamaged(f"{path} has {path.stat().st_size} bytes, {size} were written")
         if _crc32(path) != crc:
-            raise CheckpointError(f"{path} does not match its checksum (altered after it was written)")
+            raise CheckpointDamaged(f"{path} does not match its checksum (altered after it was written)")
     return True
 
 
@@ -100,9 +104,10 @@ def _quiet_failures():
         sys.unraisablehook, threading.excepthook = hooks
 
 
-def _restore(restore_fn, path: Path):
-    """Runs ``restore_fn()``; any failure becomes a CheckpointError naming ``path`` (damage), except
-    a CheckpointMismatch (the config's fault), which passes as it is."""
+def _restore(restore_fn, path: Path, sealed: bool):
+    """Runs ``restore_fn()``; any failure becomes a CheckpointError naming ``path``: damage
+    (:class:`CheckpointDamaged`) when it is unsealed, else not (its files are as written: memory,
+    devices...). A CheckpointMismatch (the config's fault) passes as it is."""
     try:
         with _quiet_failures():
             return restore_fn()
@@ -110,7 +115,10 @@ def _restore(restore_fn, path: Path):
         raise
     except Exception as e:  # Orbax/TensorStore raise bare Exception, ValueError, AttributeError...
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{path}: unreadable checkpoint ({first[:300]})") from None
+        if sealed:
+            raise CheckpointError(f"{path}: its files match their checksums but restoring failed ({first[:300]})"
+                                  ) from None
+        raise CheckpointDamaged(f"{path}: unreadable checkpoint ({first[:300]})") from None
 
 
 def _flat(tree) -> dict[str, object]:
@@ -165,7 +173,7 @@ def restore_pytree(path: str | Path, like=None):
         path = path.with_name(path.name + ".old")  # killed between the two renames of a save
     if not path.is_dir():
         raise CheckpointError(f"{path}: no such checkpoint directory")
-    verify(path)
+    sealed = verify(path)
     with ocp.StandardCheckpointer() as ckptr:
         def restore():
             metadata = _saved_tree(path)
@@ -177,7 +185,7 @@ def restore_pytree(path: str | Path, like=None):
                 lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=getattr(x, "sharding", None) or device),
                 like)
             return ckptr.restore(path, abstract)
-        return _restore(restore, path)
+        return _restore(restore, path, sealed)
 
 
 def _saved_tree(path: Path):
@@ -237,6 +245,9 @@ class Checkpoints:
         """Writes ``state`` (a pytree of jax Arrays, possibly sharded across processes) as ``step``,
         sealed; a step already saved is kept as it is (a step's state is a function of the step)."""
         if int(step) in self.manager.all_steps():
+            if jax.process_index() == 0 and not (self.states / str(int(step)) / SEAL).is_file():
+                seal(self.states / str(int(step)))  # written by a process killed before it sealed
+            _sync(f"checkpoint {step}")
             return
         self.manager.save(int(step), args=ocp.args.StandardSave(state))
         self.manager.wait_until_finished()
@@ -252,27 +263,26 @@ class Checkpoints:
         if step is None:
             raise CheckpointError(f"no checkpoint in {self.states}")
         path = self.states / str(step)
-        verify(path)
+        sealed = verify(path)
 
         def restore():
             saved = _saved_tree(path / "default")
             target = _on_one_device(saved) if like is None else like
             _check_shapes(path, saved, target)
             return self.manager.restore(step, args=ocp.args.StandardRestore(target))
-        return _restore(restore, path)
+        return _restore(restore, path, sealed)
 
     def restore_latest(self, like=None):
         """(state, step) from the newest intact checkpoint, or (None, None) when there is none.
 
         A damaged newer one is skipped with a warning naming it and moved to ``damaged/`` (so that
-        the run writes that step afresh); when every checkpoint is damaged, a CheckpointError."""
+        the run writes that step afresh); when every checkpoint is damaged, or only set-aside ones
+        are left, a CheckpointError (a resume never silently starts again)."""
         problems = []
         for step in sorted(self.manager.all_steps(), reverse=True):
             try:
                 state = self.restore(like, step)
-            except CheckpointMismatch:
-                raise
-            except CheckpointError as e:
+            except CheckpointDamaged as e:
                 problems.append(f"step {step}: {e}")
                 where = "" if self.read_only else f"; moved to {self.dir / 'damaged' / str(step)}"
                 warnings.warn(f"checkpoint step {step} is damaged and skipped ({e}){where}")
@@ -281,6 +291,10 @@ class Checkpoints:
             return state, step
         if problems:
             raise CheckpointError(f"no intact checkpoint in {self.states}: " + "; ".join(problems))
+        damaged = self.dir / "damaged"
+        if damaged.is_dir() and any(damaged.iterdir()):
+            raise CheckpointError(f"no intact checkpoint in {self.states}; damaged ones were set aside in {damaged} "
+                                  f"(start a new run with a new --out, or move a step back to resume from it)")
         return None, None
 
     def _set_aside(self, step: int) -> None:
@@ -326,9 +340,7 @@ def load_run_params(directory: str | Path, like=None):
     if (d / "best").is_dir():
         try:
             return restore_pytree(d / "best", like)
-        except CheckpointMismatch:
-            raise
-        except CheckpointError as e:
+        except CheckpointDamaged as e:
             if not (d / "checkpoints").is_dir():
                 raise
             warnings.warn(f"{d / 'best'} is damaged ({e}); using the newest intact checkpoint instead")

@@ -2,8 +2,8 @@
 
 A data set is taken from, in order: an explicit path; ``$JAXFORMER_DATA/<its relative path>``; the
 user cache ``$XDG_CACHE_HOME/jaxformer/<its relative path>`` (``~/.cache`` by default); else it is
-downloaded into the cache, and offline the error says where to put the file. This is the only
-module that reads environment variables. (The GPT-2 tokenizer ships inside the package:
+downloaded into the cache, and offline the error says where to put the file. No other module reads
+data locations from the environment. (The GPT-2 tokenizer ships inside the package:
 :func:`jaxformer.tokenizer.GPT2Tokenizer.gpt2`.)
 """
 
@@ -80,7 +80,7 @@ def locate(name: str, path: str | Path | None = None, download: bool = True) -> 
             f"{dataset.url} ({e}). Pass its path, or set {DATA_ENV} to a directory holding {dataset.relative}, "
             f"or put the file at {cached}.") from None
     cached.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cached.with_name(cached.name + ".part")
+    tmp = cached.with_name(f"{cached.name}.{os.getpid()}.part")  # processes sharing a cache do not collide
     tmp.write_bytes(payload)
     tmp.replace(cached)
     return cached

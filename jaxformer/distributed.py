@@ -16,6 +16,7 @@ import sys
 import jax
 
 from jaxformer.errors import InputError
+from jaxformer.resumable import any_process
 
 
 def _int(env, name) -> int:
@@ -99,3 +100,17 @@ def barrier(name: str) -> None:
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
         multihost_utils.sync_global_devices(name)
+
+
+def on_first_process(name: str, fn) -> None:
+    """Runs ``fn()`` on process 0 only (e.g. writing shared files), then a barrier. An InputError
+    there is raised on every process, which would otherwise wait at the barrier until timeout."""
+    error = None
+    if jax.process_index() == 0:
+        try:
+            fn()
+        except InputError as e:
+            error = e
+    if any_process(error is not None):
+        raise error or InputError(f"{name}: process 0 stopped on bad input (its log names it)")
+    barrier(name)

@@ -5,7 +5,9 @@ A tap is one line in a model, ``x = tap(self, "resid_pre", x)``. It uses two Fla
 
 * ``intermediates``: the value is ``sow``n there. Flax keeps it only when the collection is mutable,
   so a call that captures nothing is the plain model; under ``jit`` the values that are not
-  selected are dead code, so capturing costs what is captured (``scripts/bench_taps.py``).
+  selected are dead code, so capturing costs what is captured (``scripts/bench_taps.py``), with
+  one exception: while anything is captured, attention computes its probabilities explicitly
+  instead of through the fused kernel (equal within float rounding).
 * ``interventions``: a read-only variable collection passed in next to ``params``. Where it holds
   an entry for the tap, the value is edited, ``x = where(set_mask, set, x) * scale + add`` (every key
   optional, numpy broadcasting: a steering vector ``[D]`` against ``[b, t, D]``, a head mask
@@ -29,8 +31,8 @@ Names (see ``docs/inspect.md``): GPT-2 ``embed``, ``pos_embed``, ``h/{resid_pre,
 resid_post, attn_out, mlp_out}``, ``h/attn/{q, k, v, pattern, z}``, ``h/mlp/post``, ``ln_final``;
 the translator ``{enc,dec}_tok_embed``, ``{enc,dec}_pos_embed``, ``enc/{resid_pre, resid_mid,
 resid_post}``, ``dec/{resid_pre, resid_mid, resid_cross, resid_post}``, ``enc/attn/*``,
-``dec/{self_attn, cross_attn}/*`` (``q, k, v, pattern, z``), ``{enc,dec}/ff/post``,
-``{enc,dec}_ln_final`` (pre-LN).
+``dec/{self_attn, cross_attn}/*`` (``q, pattern, z``), ``{enc,dec}/ff/post``, ``enc_out``,
+``dec_out`` (the stacks' outputs).
 """
 
 import fnmatch

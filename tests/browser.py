@@ -5,7 +5,7 @@
 
 Both paths are explicit (``$CHROMEDRIVER``, ``$CHROMIUM`` override them), so Selenium Manager, which
 would try to download a driver, is never consulted. ``missing()`` says what is not installed
-(``install.sh`` installs it), for a skip or a failure message.
+(``tests/install_browser.sh`` installs it), for a skip or a failure message.
 """
 
 import contextlib
@@ -36,7 +36,7 @@ def missing() -> str | None:
     lacking = [path for path in (CHROMEDRIVER, CHROMIUM) if not os.access(path, os.X_OK)]
     if importlib.util.find_spec("selenium") is None:
         lacking.append("the selenium package")
-    return f"missing {', '.join(lacking)} (run install.sh)" if lacking else None
+    return f"missing {', '.join(lacking)} (run tests/install_browser.sh)" if lacking else None
 
 
 @contextlib.contextmanager

@@ -8,9 +8,12 @@ import time
 import numpy as np
 import pytest
 
+from jaxformer.errors import InputError
 from jaxformer.gpt2.generate import generate
 from jaxformer.gpt2.pretrained import load_pretrained
-from jaxformer.serve.engine import ENGINE_THREAD, Engine, QueueFull, Sampling, Sequence, compilations, wait_idle
+from jaxformer.serve.app import Choice, Translations
+from jaxformer.serve.engine import ENGINE_THREAD, Engine, QueueFull, Sampling, Sequence, Token, compilations
+from jaxformer.tokenizer import GPT2Tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -19,6 +22,15 @@ def engine(hf_dir):
     e = Engine(params, config, slots=2, max_queue=2)
     yield e
     e.close()
+
+
+def wait_idle(engine: Engine, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not engine.active and not engine.queued:
+            return True
+        time.sleep(0.01)
+    return False
 
 
 def sequence(prompt, sampling, index=0):
@@ -60,7 +72,8 @@ def test_full_queue_is_refused_and_cancel_frees_the_slot(engine):
     deadline = time.monotonic() + 30
     while engine.active < 2 and time.monotonic() < deadline:
         time.sleep(0.01)
-    engine.submit([long[2][0], long[3][0]])  # both queue places
+    engine.submit([long[2][0]])  # both queue places, in two requests
+    engine.submit([long[3][0]])
     with pytest.raises(QueueFull):
         engine.submit([sequence([4], Sampling(2))[0]])
     engine.cancel([s for s, *_ in long])
@@ -68,3 +81,65 @@ def test_full_queue_is_refused_and_cancel_frees_the_slot(engine):
     assert {box["reason"] for *_, box in long} == {"cancelled"}
     with pytest.raises(Exception, match="exceeds the context of 128"):
         engine.submit([sequence(list(range(100)), Sampling(50))[0]])
+
+
+@pytest.mark.slow
+def test_free_slots_take_queued_requests_and_oversized_requests_are_refused(engine):
+    assert wait_idle(engine, 30)
+    runs = [sequence([5, 6], Sampling(30, temperature=0, ignore_eos=True), i) for i in range(4)]
+    engine.submit([s for s, *_ in runs[:2]])  # two slots ...
+    engine.submit([s for s, *_ in runs[2:]])  # ... and two queue places, whether or not the first have started
+    for _, _, done, _ in runs:
+        assert done.wait(60)
+    with pytest.raises(InputError, match="at most 2 running and 2 waiting"):
+        engine.submit([sequence([1], Sampling(2), i)[0] for i in range(5)])
+
+
+@pytest.mark.slow
+def test_a_sequence_that_fails_to_start_ends_with_error_and_the_engine_keeps_serving(engine):
+    assert wait_idle(engine, 30)
+    bad, _, done, box = sequence([1, 2], Sampling(4, seed=2**40))  # no int32 seed: the prefill call fails
+    engine.submit([bad])
+    assert done.wait(60) and box["reason"] == "error"
+    good, tokens, done, _ = sequence([7, 8, 9], Sampling(6, temperature=0, ignore_eos=True))
+    engine.submit([good])
+    assert done.wait(60)
+    assert tokens == generate(engine.params, engine.config, [[7, 8, 9]], max_new_tokens=6, greedy=True,
+                              stop_at_eos=False)[0]
+    assert wait_idle(engine, 30) and engine.queued == 0
+
+
+def test_the_end_token_is_counted_but_not_shown():
+    """What a completion shows: the tokenizer's text of the tokens before EOS (here 'The' = 464)."""
+    tok = GPT2Tokenizer.gpt2()
+    choice = Choice(0, tok, [], None, end_id=50256)
+    text = [choice.push(Token(t, -1.0, [], []))[0] for t in (464, 50256)]
+    assert "".join(text) + choice.flush() == "The" == tok.decode([464])
+    assert choice.count == 2
+    kept = Choice(0, tok, [], None, end_id=None)  # ignore_eos: EOS is an ordinary token
+    for t in (464, 50256):
+        kept.push(Token(t, -1.0, [], []))
+    assert kept.flush() == "" and kept.sent == tok.decode([464, 50256])
+
+
+def test_translation_queue_counts_the_idle_worker():
+    """--max-queue 0: a request reaches an idle worker; a second one while it works is refused."""
+    release, started = threading.Event(), threading.Event()
+
+    class Slow:
+        def translate(self, sentences, beam_size):
+            started.set()
+            release.wait(30)
+            return [s.upper() for s in sentences]
+
+    got = []
+    worker = Translations(Slow(), max_queue=0)
+    worker.submit(["a"], 1, got.append)
+    assert started.wait(30)
+    with pytest.raises(QueueFull):
+        worker.submit(["b"], 1, got.append)
+    release.set()
+    deadline = time.monotonic() + 30
+    while not got and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert got == [["A"]]

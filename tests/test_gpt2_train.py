@@ -310,7 +310,7 @@ def test_refuses_to_overwrite_a_run_without_resume(corpus, reference, capsys):
 def test_damaged_newest_checkpoint_is_skipped_and_the_run_redone_bitwise(reference, tmp_path, capsys):
     """A real run's newest checkpoint (40) truncated: --resume warns naming it, sets it aside,
     continues from 20 and ends with the reference's parameters; with every checkpoint damaged it
-    refuses, naming each, and trains nothing."""
+    refuses, naming each, and trains nothing, then and at the next try."""
     ref_out, ref, ref_params = reference
     out = tmp_path / "run"
     shutil.copytree(ref_out, out, ignore=shutil.ignore_patterns("hf"))
@@ -331,6 +331,10 @@ def test_damaged_newest_checkpoint_is_skipped_and_the_run_redone_bitwise(referen
     err = capsys.readouterr().err
     assert "error: no intact checkpoint in" in err and "step 40:" in err and "step 20:" in err
     assert "does not match its checksum" in err and "Traceback" not in err
+    assert main(["--out", str(out), "--resume", "--steps", "60", "--no-progress"]) == 2  # again: still refused
+    err = capsys.readouterr().err
+    assert f"damaged ones were set aside in {out / 'damaged'}" in err and "Traceback" not in err
+    assert losses(out / "metrics.jsonl") == ref  # the log kept
 
 
 # --- sharded and multi-process runs -----------------------------------------------------------------

@@ -199,18 +199,66 @@ def test_a_full_queue_answers_429_with_retry_after(server):
     assert all(retry == "1" for code, _, retry in results if code == 429)
 
 
-def test_a_client_that_disconnects_frees_its_slot(server, client):
-    stream = client.completions.create(model=server["name"], prompt="Endless", max_tokens=120,
-                                       stream=True, extra_body={"ignore_eos": True})
-    for i, _ in enumerate(stream):
-        if i == 2:
-            break
-    assert get(server["url"] + "/health")["active"] >= 1
-    stream.close()
-    deadline = time.monotonic() + 20
-    while get(server["url"] + "/health")["active"] and time.monotonic() < deadline:
+class EndlessEngine:
+    """Stands in for the engine: every sequence gets a token every 20 ms until it is cancelled."""
+
+    def __init__(self):
+        from jaxformer.gpt2.config import GPT2Config
+        self.config, self.eos_id, self.slots = GPT2Config(), 50256, 4
+        self.active = self.queued = 0
+        self.cancelled = []
+
+    def submit(self, seqs):
+        import threading
+
+        from jaxformer.serve.engine import Token
+
+        def run(seq):
+            while not seq.cancelled:
+                seq.emit(Token(464, -1.0, [], []))
+                time.sleep(0.02)
+            seq.finish("cancelled")
+        for seq in seqs:
+            threading.Thread(target=run, args=(seq,), daemon=True).start()
+
+    def cancel(self, seqs):
+        for s in seqs:
+            s.cancelled = True
+        self.cancelled += seqs
+
+
+def test_a_client_that_disconnects_frees_its_slot():
+    """Through uvicorn and the openai client: a stream closed after three chunks cancels its
+    sequences (here they would otherwise never end)."""
+    import threading
+
+    import uvicorn
+
+    from jaxformer.serve.app import Served, create_app
+
+    engine, port = EndlessEngine(), free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app([Served("endless", "completion", engine, GPT2Tokenizer.gpt2())]),
+                                           host="127.0.0.1", port=port, log_level="warning"))
+    threading.Thread(target=server.run, daemon=True).start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert time.monotonic() < deadline
         time.sleep(0.05)
-    assert get(server["url"] + "/health")["active"] == 0
+    try:
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
+        stream = client.completions.create(model="endless", prompt="Endless", max_tokens=100, n=2, stream=True)
+        for i, chunk in enumerate(stream):
+            assert chunk.choices[0].text == "The"
+            if i == 2:
+                break
+        assert not engine.cancelled
+        stream.close()
+        deadline = time.monotonic() + 10
+        while len(engine.cancelled) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(engine.cancelled) == 2
+    finally:
+        server.should_exit = True
 
 
 def test_translations_equal_translate(server):

@@ -13,7 +13,7 @@ With ``config.scan_layers=False`` the same block params sit unstacked under ``h_
 
 Taps (:mod:`jaxformer.taps`; captured and edited by name, layers stacked, shapes per layer)::
 
-    embed, pos_embed [b, t, D]   ln_final [b, t, D] (after ln_f; with last_only, the last position)
+    embed, pos_embed [b, t, D]   ln_final [b, t, D] (after ln_f; with last_only or at, one position)
     h/resid_pre, h/resid_mid, h/resid_post, h/attn_out, h/mlp_out [b, t, D]    h/mlp/post [b, t, F]
     h/attn/q, h/attn/k, h/attn/v, h/attn/z [b, t, H, d]   h/attn/pattern [b, H, t, kv_len]
 
@@ -128,7 +128,7 @@ class GPT2(nn.Module):
 
     @nn.compact
     def __call__(self, tokens, positions=None, key_valid=None, cache: KVCache | None = None, index=0,
-                 last_only: bool = False):
+                 last_only: bool = False, at=None):
         """Logits (float32) and the updated cache.
 
         tokens: int32[b, t]. positions: int32[b, t], default ``index + arange(t)``.
@@ -136,6 +136,8 @@ class GPT2(nn.Module):
           padding (and cache slots not yet written). Default: all valid.
         cache: KVCache with leaves [L, b, heads, max_len, head_dim]; this call writes at slot ``index``.
         last_only: return logits for the last position only ([b, 1, V]), as generation needs.
+        at: int32[b]: return logits for position ``at[i]`` of row i only ([b, 1, V]; e.g. the last
+          token of a right-padded prompt).
         Returns (float32[b, t or 1, V], cache or None).
         """
         cfg = self.config
@@ -168,7 +170,9 @@ class GPT2(nn.Module):
             for i in range(cfg.n_layer):
                 (x, cache), _ = block(cfg, self.deterministic, name=f"h_{i}")((x, cache), i, mask, index)
 
-        if last_only:
+        if at is not None:
+            x = jnp.take_along_axis(x, at[:, None, None], axis=1)
+        elif last_only:
             x = x[:, -1:]
         x = tap(self, "ln_final", _layer_norm(cfg, "ln_f")(x))
         # Contract with the embedding as stored ([V, D]): a transposed copy would cost a full

@@ -13,12 +13,11 @@ import dataclasses
 import math
 from pathlib import Path
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jaxformer.config import param
-from jaxformer.distributed import barrier
+from jaxformer.distributed import on_first_process
 from jaxformer.errors import InputError
 from jaxformer.flops import gpt2_flops_per_token
 from jaxformer.gpt2 import data as gdata
@@ -83,13 +82,10 @@ class LMTask(Task):
     def __init__(self, cfg: LMTrainConfig, out: Path, config: GPT2Config | None, model_overrides: dict,
                  batch_shards: int = 1):
         self.cfg, self.out = cfg, out
-        if cfg.batch_size % batch_shards:
-            raise InputError(f"batch_size={cfg.batch_size} is not divisible by the mesh's {batch_shards} batch shards")
         if cfg.export_hf and Path(cfg.export_hf).exists() and any(Path(cfg.export_hf).iterdir()):
             raise InputError(f"export_hf={cfg.export_hf}: the directory already holds files; choose a new one")
         if config is None:
             self.pretrained = self._prepare(model_overrides)
-        barrier("jaxformer-gpt2-data")
         self.config = GPT2Config.load(out / "config.json")
         self.tokenizer = GPT2Tokenizer.from_dir(out)
         train_tokens, val_tokens = (np.load(out / "data" / f"{n}.npy", mmap_mode="r") for n in ("train", "val"))
@@ -106,16 +102,20 @@ class LMTask(Task):
         self.flops_per_token = gpt2_flops_per_token(self.config, cfg.seq_len)
         self.d_model = self.config.n_embd
         self.prompt = self.tokenizer.encode(cfg.prompt) if cfg.prompt else val_tokens[:8].tolist()
+        if cfg.sample_tokens > 0 and len(self.prompt) >= self.config.n_positions:
+            raise InputError(f"prompt: {len(self.prompt)} tokens leave no room to sample in the model's context of "
+                             f"{self.config.n_positions}")
 
     def _prepare(self, model_overrides: dict):
         """A fresh run: the model config, tokenizer and token streams, written by process 0; returns
         ``--init``'s params (every process loads them) or None."""
         cfg, out = self.cfg, self.out
-        pretrained = init_tok = None
+        pretrained = init_tok = config = None
         if cfg.init is not None:
             from jaxformer.gpt2.pretrained import load_pretrained
             config, pretrained, init_tok = load_pretrained(cfg.init, scan_layers=True, **model_overrides)
-        if jax.process_index() == 0:
+
+        def write(config=config):
             texts = gdata.read_texts(gdata.resolve_paths(cfg.data), cfg.text_field)
             tok = init_tok or gdata.load_tokenizer(cfg.tokenizer, texts)
             if cfg.init is None:
@@ -131,6 +131,7 @@ class LMTask(Task):
             np.save(out / "data" / "val.npy", val_tokens)
             tok.tokenizer.save(str(out / "tokenizer.json"))
             config.save(out / "config.json")
+        on_first_process("jaxformer-gpt2-data", write)
         return pretrained
 
     def init_params(self, key):

@@ -17,6 +17,7 @@ import asyncio
 import json
 import threading
 import time
+import traceback
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +26,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
+from jaxformer.errors import InputError
 from jaxformer.serve.engine import (
     ENGINE_THREAD,
     TOP_LOGPROBS,
@@ -52,6 +54,15 @@ class APIError(Exception):
 
     def response(self) -> JSONResponse:
         return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
+
+
+def busy(e: QueueFull) -> APIError:
+    return APIError(429, f"the server is busy: {e}; retry later", code="rate_limit_exceeded", kind="requests",
+                    headers={"Retry-After": "1"})
+
+
+def engine_failed() -> APIError:
+    return APIError(500, "the decoding engine failed; see the server's log", kind="server_error")
 
 
 @dataclass
@@ -82,10 +93,14 @@ def _field(body: dict, name: str, kind, default, check=None, why: str = ""):
 def parse_completion(body: dict, engine: Engine, tokenizer) -> tuple[list[list[int]], dict]:
     """(the prompts as token ids, the settings) of a completions request; APIError on a bad field."""
     prompt = body.get("prompt")
-    if isinstance(prompt, str) or (isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt)):
+    def token_ids(p) -> bool:
+        return isinstance(p, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in p)
+
+    if isinstance(prompt, str) or (isinstance(prompt, list) and prompt and token_ids(prompt)):
         prompt = [prompt]
-    if not isinstance(prompt, list) or not prompt or not all(isinstance(p, (str, list)) for p in prompt):
-        raise APIError(400, "prompt: give a string, a list of strings, or token ids", param="prompt")
+    if not isinstance(prompt, list) or not prompt or not all(isinstance(p, str) or token_ids(p) for p in prompt):
+        raise APIError(400, "prompt: give a string, a list of strings, token ids or lists of token ids",
+                       param="prompt")
     ids = [tokenizer.encode(p) if isinstance(p, str) else p for p in prompt]
     vocab, context = engine.config.vocab_size, engine.config.n_positions
     settings = dict(
@@ -106,6 +121,7 @@ def parse_completion(body: dict, engine: Engine, tokenizer) -> tuple[list[list[i
     if not isinstance(stop, list) or len(stop) > MAX_STOPS or not all(isinstance(s, str) and s for s in stop):
         raise APIError(400, f"stop: give a string or up to {MAX_STOPS} non-empty strings", param="stop")
     settings["stop"] = stop
+    settings["include_usage"] = _field(body, "stream_options", dict, {}).get("include_usage", False) is True
     for i, p in enumerate(ids):
         if not p:
             raise APIError(400, f"prompt {i} is empty: give at least one token", param="prompt")
@@ -124,15 +140,21 @@ class Choice:
     """A sequence's text as it grows; ``push`` is called on the engine's thread for every token and
     returns the new text to send (possibly empty)."""
 
-    def __init__(self, index: int, tokenizer, stops: list[str], want_logprobs: int | None):
+    def __init__(self, index: int, tokenizer, stops: list[str], want_logprobs: int | None, end_id: int | None):
+        """end_id: the token that ends the sequence (EOS, unless ignored): counted, never shown."""
         self.index, self.tokenizer, self.stops, self.want_logprobs = index, tokenizer, stops, want_logprobs
-        self.ids: list[int] = []
+        self.end_id = end_id
+        self.ids: list[int] = []  # the tokens shown (without the end token)
+        self.count = 0  # every generated token, as usage counts them
         self.sent = ""  # text the client has
         self.stopped = False
         self.finish_reason: str | None = None
         self.logprobs = dict(tokens=[], token_logprobs=[], top_logprobs=[], text_offset=[])
 
     def push(self, token) -> tuple[str, dict | None]:
+        self.count += 1
+        if token.id == self.end_id:
+            return "", None
         self.ids.append(token.id)
         text = self.tokenizer.decode(self.ids)
         for stop in self.stops:
@@ -179,12 +201,14 @@ class Translations:
     def __init__(self, model, max_queue: int = 64):
         self.model, self.max_queue = model, max_queue
         self._jobs: list = []
+        self._busy = False
         self._cv = threading.Condition()
         threading.Thread(target=self._run, name="jaxformer-translator", daemon=True).start()
 
     def submit(self, sentences: list[str], beam: int, done) -> None:
+        """Queues a request; ``done(translations or exception)`` is called on the worker's thread."""
         with self._cv:
-            if len(self._jobs) >= self.max_queue:
+            if len(self._jobs) >= self.max_queue + (not self._busy):  # an idle worker takes one at once
                 raise QueueFull(f"{len(self._jobs)} translation requests are waiting")
             self._jobs.append((sentences, beam, done))
             self._cv.notify()
@@ -197,15 +221,22 @@ class Translations:
                 beam = self._jobs[0][1]
                 batch = [j for j in self._jobs if j[1] == beam]
                 self._jobs = [j for j in self._jobs if j[1] != beam]
+                self._busy = True
             sentences = [s for j in batch for s in j[0]]
             try:
                 out = self.model.translate(sentences, beam_size=beam)
             except Exception as e:  # a bug: every waiting request hears of it
+                traceback.print_exc()
                 out = e
             i = 0
             for job_sentences, _, done in batch:
-                done(out if isinstance(out, Exception) else out[i:i + len(job_sentences)])
+                try:
+                    done(out if isinstance(out, Exception) else out[i:i + len(job_sentences)])
+                except Exception:  # e.g. the event loop closed: the worker carries on
+                    traceback.print_exc()
                 i += len(job_sentences)
+            with self._cv:
+                self._busy = False
 
 
 # --- the app ---------------------------------------------------------------------------------------------
@@ -230,6 +261,8 @@ def create_app(models: list[Served]) -> FastAPI:
 
     def find(body: dict, task: str) -> Served:
         name = body.get("model")
+        if name is not None and not isinstance(name, str):
+            raise APIError(400, f"model={name!r}: give the model's name", param="model", code="invalid_value")
         if name is None:
             served = [m for m in models if m.task == task]
             if not served:
@@ -281,7 +314,7 @@ def create_app(models: list[Served]) -> FastAPI:
         try:
             served.model.submit(sentences, beam, lambda out: loop.call_soon_threadsafe(result.set_result, out))
         except QueueFull as e:
-            raise APIError(429, str(e), code="rate_limit_exceeded", kind="requests", headers={"Retry-After": "1"}) from None
+            raise busy(e) from None
         out = await result
         if isinstance(out, Exception):
             raise out
@@ -299,7 +332,8 @@ def create_app(models: list[Served]) -> FastAPI:
         for p, prompt in enumerate(ids):
             for j in range(s["n"]):
                 index = p * s["n"] + j
-                choice = Choice(index, served.tokenizer, s["stop"], s["logprobs"])
+                choice = Choice(index, served.tokenizer, s["stop"], s["logprobs"],
+                                None if s["ignore_eos"] else engine.eos_id)
                 choices.append(choice)
 
                 def emit(token, c=choice):
@@ -318,14 +352,19 @@ def create_app(models: list[Served]) -> FastAPI:
         try:
             engine.submit(seqs)
         except QueueFull as e:
-            raise APIError(429, f"the server is busy: {e}; retry later", code="rate_limit_exceeded", kind="requests",
-                           headers={"Retry-After": "1"}) from None
+            raise busy(e) from None
+        except InputError as e:  # more sequences than the engine can ever hold
+            raise APIError(400, str(e), param="n", code="invalid_value") from None
         rid, created = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
         prompt_tokens = sum(len(p) for p in ids) * s["n"]
 
         def chunk(c, text, lp, reason) -> dict:
             return dict(id=rid, object="text_completion", created=created, model=served.name,
                         choices=[dict(text=text, index=c.index, logprobs=lp, finish_reason=reason)])
+
+        def usage() -> dict:
+            done = sum(c.count for c in choices)
+            return dict(prompt_tokens=prompt_tokens, completion_tokens=done, total_tokens=prompt_tokens + done)
 
         if s["stream"]:
             async def stream():
@@ -335,20 +374,16 @@ def create_app(models: list[Served]) -> FastAPI:
                         c, text, lp, reason = await events.get()
                         open_choices -= reason is not None
                         if reason == "error":
-                            failed = APIError(500, "the decoding engine failed; see the server's log", kind="server_error")
-                            yield f"data: {json.dumps(failed.body())}\n\n"
+                            yield f"data: {json.dumps(engine_failed().body())}\n\n"
                             continue
                         yield f"data: {json.dumps(chunk(c, text, lp, reason))}\n\n"
-                    if (body.get("stream_options") or {}).get("include_usage"):
-                        done = sum(len(c.ids) for c in choices)
-                        yield "data: " + json.dumps(dict(
-                            id=rid, object="text_completion", created=created, model=served.name, choices=[],
-                            usage=dict(prompt_tokens=prompt_tokens, completion_tokens=done,
-                                       total_tokens=prompt_tokens + done))) + "\n\n"
+                    if s["include_usage"]:
+                        yield "data: " + json.dumps(dict(id=rid, object="text_completion", created=created,
+                                                         model=served.name, choices=[], usage=usage())) + "\n\n"
                     yield "data: [DONE]\n\n"
-                except asyncio.CancelledError:  # the client went away: free its slots
-                    engine.cancel(seqs)
-                    raise
+                finally:  # a client that went away (cancelled, or the generator closed): free its slots
+                    if open_choices:
+                        engine.cancel(seqs)
             return StreamingResponse(stream(), media_type="text/event-stream",
                                      headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
@@ -362,10 +397,11 @@ def create_app(models: list[Served]) -> FastAPI:
                     return JSONResponse({}, status_code=499)
                 continue
             open_choices -= reason is not None
-        done = sum(len(c.ids) for c in choices)
+        if any(c.finish_reason == "error" for c in choices):
+            raise engine_failed()
         return dict(id=rid, object="text_completion", created=created, model=served.name,
                     choices=[dict(text=c.sent, index=c.index, finish_reason=c.finish_reason,
                                   logprobs=c.logprobs if s["logprobs"] is not None else None) for c in choices],
-                    usage=dict(prompt_tokens=prompt_tokens, completion_tokens=done, total_tokens=prompt_tokens + done))
+                    usage=usage())
 
     return app

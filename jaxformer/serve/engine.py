@@ -25,7 +25,6 @@ import functools
 import os
 import queue
 import threading
-import time
 import traceback
 from typing import Callable
 
@@ -161,8 +160,11 @@ class Engine:
             if len(s.prompt) + s.sampling.max_tokens > self.config.n_positions:
                 raise InputError(f"prompt of {len(s.prompt)} tokens + max_tokens={s.sampling.max_tokens} exceeds the "
                                  f"context of {self.config.n_positions} tokens")
-        with self._lock:
-            if self._queued + len(seqs) > self.max_queue + max(0, self.slots - self.active - self._queued):
+        if len(seqs) > self.slots + self.max_queue:
+            raise InputError(f"{len(seqs)} sequences in one request: this server holds at most {self.slots} running "
+                             f"and {self.max_queue} waiting")
+        with self._lock:  # free slots take queued sequences first; max_queue more may wait
+            if self._queued + len(seqs) > self.max_queue + max(0, self.slots - self.active):
                 raise QueueFull(f"{self._queued} sequences are waiting for one of {self.slots} slots")
             self._queued += len(seqs)
         for s in seqs:
@@ -215,10 +217,9 @@ class Engine:
         p = tokens.shape[1]
         cache = KVCache.zeros(1, p, self.config.n_head, self.config.head_dim, self.config.compute_dtype,
                               self.config.n_layer)
-        logits, cache = self.model.apply({"params": params}, tokens, cache=cache, index=0)
-        last = jax.lax.dynamic_index_in_dim(logits[0], length - 1, keepdims=True)
+        logits, cache = self.model.apply({"params": params}, tokens, cache=cache, index=0, at=(length - 1)[None])
         key = jax.random.key_data(jax.random.fold_in(jax.random.key(seed), index))
-        pick = self._pick(last, key[None], jnp.zeros(1, jnp.uint32), temperature, top_k, top_p, greedy)
+        pick = self._pick(logits[:, 0], key[None], jnp.zeros(1, jnp.uint32), temperature, top_k, top_p, greedy)
         return (*pick, key, cache.k, cache.v)
 
     @staticmethod
@@ -284,6 +285,7 @@ class Engine:
                 for slot, seq in enumerate(self._seqs):
                     if seq is not None:
                         self._end(slot, "error")
+                self._cache = self._zeros(self.window)  # a failed step may have consumed (donated) it
 
     def _admit(self) -> None:
         """Prefills queued sequences into free slots, one at a time."""
@@ -295,12 +297,19 @@ class Engine:
                     seq = self._queue.get_nowait()
                 except queue.Empty:
                     return
-                with self._lock:
-                    self._queued -= 1
                 if not seq.cancelled:
                     break
-                seq.finish("cancelled")
-            self._start(slot, seq)
+                with self._lock:
+                    self._queued -= 1
+                _notify(seq.finish, "cancelled")
+            try:
+                self._start(slot, seq)
+            except Exception:
+                _notify(seq.finish, "error")
+                raise
+            finally:  # counted as queued until it holds its slot
+                with self._lock:
+                    self._queued -= 1
 
     def _start(self, slot: int, seq: Sequence) -> None:
         n = len(seq.prompt)
@@ -337,8 +346,9 @@ class Engine:
             return self._end(slot, "cancelled")
         seq.generated += 1
         self._last[slot] = token
-        seq.emit(Token(token, logprob, top_ids.tolist(), top_lp.tolist()))
-        if token == self.eos_id and not seq.sampling.ignore_eos:
+        if not _notify(seq.emit, Token(token, logprob, top_ids.tolist(), top_lp.tolist())):
+            self._end(slot, "error")
+        elif token == self.eos_id and not seq.sampling.ignore_eos:
             self._end(slot, "stop")
         elif seq.should_stop():
             self._end(slot, "stop")
@@ -347,7 +357,7 @@ class Engine:
 
     def _end(self, slot: int, reason: str) -> None:
         seq, self._seqs[slot] = self._seqs[slot], None
-        seq.finish(reason)
+        _notify(seq.finish, reason)
 
     def _fit_window(self) -> None:
         """Grows the window before a sequence would write past it; shrinks it when the longest
@@ -364,15 +374,16 @@ class Engine:
             self.window = window
 
 
+def _notify(callback, *args) -> bool:
+    """Calls a sequence's callback; one that fails (e.g. its event loop closed) is logged and does
+    not stop the engine. Returns whether it succeeded."""
+    try:
+        callback(*args)
+        return True
+    except Exception:
+        traceback.print_exc()
+        return False
+
+
 def new_seed() -> int:
     return int.from_bytes(os.urandom(4), "little") & 0x7FFFFFFF
-
-
-def wait_idle(engine: Engine, timeout: float = 30.0) -> bool:
-    """Waits (bounded) until the engine has nothing active or queued; for tests and shutdown."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if not engine.active and not engine.queued:
-            return True
-        time.sleep(0.01)
-    return False

@@ -12,11 +12,10 @@ import dataclasses
 import warnings
 from pathlib import Path
 
-import jax
 import sacrebleu
 
 from jaxformer.config import param
-from jaxformer.distributed import barrier
+from jaxformer.distributed import on_first_process
 from jaxformer.errors import InputError
 from jaxformer.loop import Task
 from jaxformer.losses import cross_entropy
@@ -94,7 +93,7 @@ class TranslationTask(Task):
         if not splits["train"] or not splits["valid"]:
             raise InputError(f"{cfg.data or 'the fra-eng data set'}: too few pairs for a training and a validation "
                              f"split ({ {k: len(v) for k, v in splits.items()} })")
-        if jax.process_index() == 0:
+        def write():
             (out / "data").mkdir(exist_ok=True)
             for name in ("valid", "test"):
                 tdata.write_split(splits[name], out / "data" / name)
@@ -103,7 +102,7 @@ class TranslationTask(Task):
                 tok = tk.train_tokenizer([p[0] for p in train] + [p[1] for p in train], config.vocab_size)
                 tok.save(str(out / "tokenizer.json"))
                 config.save(out / "config.json")
-        barrier("jaxformer-translator-data")
+        on_first_process("jaxformer-translator-data", write)
         self.config = config
         self.tokenizer = tk.load_tokenizer(out / "tokenizer.json")
         enc = lambda ps, i: tk.encode(self.tokenizer, [p[i] for p in ps])  # noqa: E731
