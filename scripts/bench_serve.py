@@ -98,10 +98,12 @@ def main(argv=None) -> int:
         except (KeyError, IndexError, ValueError) as e:
             ap.error(f"--server-cmd {args.server_cmd!r}: {e!r}; the fields are {', '.join(SERVER_CMD_FIELDS)}")
     try:
-        args.jaxformer_extra = json.loads(args.jaxformer_extra)
-        assert isinstance(args.jaxformer_extra, dict)
-    except (ValueError, AssertionError):
+        extra = json.loads(args.jaxformer_extra)
+    except ValueError:
+        extra = None
+    if not isinstance(extra, dict):
         ap.error(f"--jaxformer-extra {args.jaxformer_extra!r}: not a JSON object")
+    args.jaxformer_extra = extra
     return cli.run(lambda: bench(args), args.debug)
 
 

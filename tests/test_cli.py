@@ -10,6 +10,7 @@ import dataclasses
 import importlib
 import json
 import shutil
+import socket
 
 import numpy as np
 import pytest
@@ -139,6 +140,9 @@ def bad_inputs(tmp, translator_dir, gpt2_dir):
     damaged, victim = damaged_copy(gpt2_dir, tmp / "damaged", "params")
     corpus = ["--data", tmp / "corpus.txt", "--tokenizer", "bpe:300", "--out"]
     tr = ["--data", tmp / "bad.zip", "--preset", "tiny", "--steps", "2", "--out", tmp / "tr"]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
     return [
         # train_gpt2.py
         ("train_gpt2", [*corpus, tmp / "a", "--batch-size", "-1"], 2, "error: batch_size=-1: must be >= 1"),
@@ -207,6 +211,17 @@ def bad_inputs(tmp, translator_dir, gpt2_dir):
         ("attention_map", ["--model", translator_dir, "--prompt", "Hi", "--out", tmp / "m"], 2,
          "a translator's config, not GPT-2's"),
         ("induction_heads", ["--model", gpt2_dir, "--length", "100"], 2, "twice it exceeds the model's n_positions=128"),
+        # serve.py, eval_gpt2.py
+        ("serve", [], 2, "give --gpt2 MODEL, --translator MODEL, or both"),
+        ("serve", ["--gpt2", gpt2_dir, "--slots", "0"], 2, "argument --slots: 0 must be >= 1"),
+        ("serve", ["--gpt2", gpt2_dir, "--dtype", "bfloat16", "--quantize", "int8"], 2, "give --dtype or --quantize"),
+        ("serve", ["--gpt2", tmp / "nope", "--port", port], 2, "nope: no such directory"),
+        ("serve", ["--translator", gpt2_dir, "--port", port], 2, "a GPT-2 model, not a translator"),
+        ("eval_gpt2", ["--model", tmp / "nope"], 2, "nope: no such directory"),
+        ("eval_gpt2", ["--model", gpt2_dir, "--weights", "int4"], 2, "argument --weights: invalid choice: 'int4'"),
+        ("eval_gpt2", ["--model", gpt2_dir, "--seq-len", "500"], 2, "--seq-len 500 exceeds the model's n_positions=128"),
+        ("eval_gpt2", ["--model", gpt2_dir], 2, "is not a training run with data/val.npy: give --data"),
+        ("eval_gpt2", ["--model", gpt2_dir, "--data", tmp / "missing.txt"], 2, "missing.txt: no such file"),
         # demo.py and the benchmarks
         ("demo", ["--preset", "gpt5"], 2, "unknown GPT-2 preset 'gpt5'"),
         ("bench_generate", ["--batch", "0"], 2, "argument --batch: 0 must be >= 1"),
@@ -217,6 +232,9 @@ def bad_inputs(tmp, translator_dir, gpt2_dir):
         ("bench_translator", ["--model", tmp / "nope"], 2, "nope: no config.json"),
         ("bench_taps", ["--seq-len", "0"], 2, "argument --seq-len: 0 must be >= 1"),
         ("bench_taps", ["--seq-len", "2048"], 2, "--seq-len 2048 exceeds n_positions=1024"),
+        ("bench_serve", ["--streams", "0"], 2, "argument --streams: 0 must be >= 1"),
+        ("bench_serve", ["--only", "vllm"], 2, "--only 'vllm': choose among"),
+        ("bench_serve", ["--jaxformer-extra", "[1]"], 2, "--jaxformer-extra '[1]': not a JSON object"),
     ]
 
 
