@@ -21,19 +21,22 @@ def sample_logits(logits, key, temperature, top_k, top_p):
     key: one key, or a key per row (shape [b]) so that a row's draws do not depend on its batch.
     temperature > 0; top_k = 0 keeps all tokens; top_p = 1 keeps all. Each is a scalar or one value
     per row ([b]), and may be traced, so changing them does not recompile. Ties at the cut-off value
-    are kept. Returns int32[b].
+    are kept. The sort that top-k and top-p need runs only when some row asks for one. Returns int32[b].
     """
     temperature, top_k, top_p = (jnp.reshape(jnp.asarray(x), (-1, 1)) for x in (temperature, top_k, top_p))
     logits = logits.astype(jnp.float32) / temperature
-    vocab = logits.shape[-1]
-    ranked = -jnp.sort(-logits, axis=-1)  # descending
-    rank = jnp.arange(vocab)
-    ranked = jnp.where((top_k <= 0) | (rank < top_k), ranked, NEG_INF)
-    probs = jax.nn.softmax(ranked, axis=-1)
-    before = jnp.cumsum(probs, axis=-1) - probs  # probability mass ranked above each token
-    kept = jnp.sum((before < top_p) & (ranked > NEG_INF), axis=-1, keepdims=True)  # >= 1
-    cutoff = jnp.take_along_axis(ranked, kept - 1, axis=-1)
-    logits = jnp.where(logits >= cutoff, logits, NEG_INF)
+
+    def cut(logits):
+        ranked = -jnp.sort(-logits, axis=-1)  # descending
+        rank = jnp.arange(logits.shape[-1])
+        ranked = jnp.where((top_k <= 0) | (rank < top_k), ranked, NEG_INF)
+        probs = jax.nn.softmax(ranked, axis=-1)
+        before = jnp.cumsum(probs, axis=-1) - probs  # probability mass ranked above each token
+        kept = jnp.sum((before < top_p) & (ranked > NEG_INF), axis=-1, keepdims=True)  # >= 1
+        cutoff = jnp.take_along_axis(ranked, kept - 1, axis=-1)
+        return jnp.where(logits >= cutoff, logits, NEG_INF)
+
+    logits = jax.lax.cond(jnp.any((top_k > 0) | (top_p < 1)), cut, lambda x: x, logits)
     if key.ndim:
         return jax.vmap(jax.random.categorical)(key, logits).astype(jnp.int32)
     return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)

@@ -190,21 +190,35 @@ class Engine:
 
     @functools.partial(jax.jit, static_argnums=0, donate_argnums=2)
     def _step(self, params, cache, tokens, pos, keys, counts, temperature, top_k, top_p, greedy):
-        """One token for every slot: tokens, pos int32[S]; keys uint32[S, 2] (each sequence's key
-        data) and counts [S] (its tokens so far: the step's key is ``fold_in(key, count)``); the
-        sampling settings [S]. Returns (next int32[S], logprob [S], top ids [S, k], top logprobs
-        [S, k], cache). Inactive slots compute too (their results are ignored)."""
-        window = cache.k.shape[-2]
+        """One token for each of the first R slots (R = ``len(tokens)``, a bucket: the cache's other
+        slots are left alone): tokens, pos int32[R]; keys uint32[R, 2] (each sequence's key data) and
+        counts [R] (its tokens so far: the step's key is ``fold_in(key, count)``); the sampling
+        settings [R]. Returns (next int32[R], logprob [R], top ids [R, k], top logprobs [R, k],
+        cache). Idle slots among them compute too (their results are ignored)."""
+        rows, window = tokens.shape[0], cache.k.shape[-2]
+        part = cache if rows == cache.k.shape[1] else KVCache(cache.k[:, :rows], cache.v[:, :rows])
         key_valid = jnp.arange(window)[None, :] <= pos[:, None]
-        logits, cache = self.model.apply({"params": params}, tokens[:, None], positions=pos[:, None],
-                                         key_valid=key_valid, cache=cache, index=pos, last_only=True)
-        return (*self._pick(logits[:, 0], keys, counts, temperature, top_k, top_p, greedy), cache)
+        logits, part = self.model.apply({"params": params}, tokens[:, None], positions=pos[:, None],
+                                        key_valid=key_valid, cache=part, index=pos, last_only=True)
+        if rows < cache.k.shape[1]:
+            part = KVCache(*(jax.lax.dynamic_update_slice(c, p, (0,) * c.ndim) for c, p in zip(cache, part)))
+        return (*self._pick(logits[:, 0], keys, counts, temperature, top_k, top_p, greedy), part)
+
+    def _buckets(self) -> list[int]:
+        """The row counts a step is compiled for: powers of 4 below ``slots``, and ``slots``."""
+        b = [1]
+        while b[-1] * 4 < self.slots:
+            b.append(b[-1] * 4)
+        return sorted({*b, self.slots})
 
     @staticmethod
     def _pick(logits, keys, counts, temperature, top_k, top_p, greedy):
         keys = jax.vmap(jax.random.fold_in)(jax.random.wrap_key_data(keys), counts)
-        sampled = sample_logits(logits, keys, jnp.where(greedy, 1.0, temperature), top_k, top_p)
-        tok = jnp.where(greedy, jnp.argmax(logits, axis=-1).astype(jnp.int32), sampled)
+        argmax = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        sampled = jax.lax.cond(  # the draw only when some row samples (idle slots are greedy)
+            jnp.all(greedy), lambda: argmax,
+            lambda: sample_logits(logits, keys, jnp.where(greedy, 1.0, temperature), top_k, top_p))
+        tok = jnp.where(greedy, argmax, sampled)
         logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
         top_lp, top_ids = jax.lax.top_k(logp, TOP_LOGPROBS)
         return tok, jnp.take_along_axis(logp, tok[:, None], axis=-1)[:, 0], top_ids, top_lp
@@ -242,7 +256,7 @@ class Engine:
 
     def _settings(self, seqs) -> tuple:
         """The sampling settings of ``seqs`` (None: an idle slot) as arrays for the jitted functions."""
-        s = [seq.sampling if seq else Sampling(1) for seq in seqs]
+        s = [seq.sampling if seq else Sampling(1, temperature=0) for seq in seqs]
         return (np.float32([x.temperature for x in s]), np.int32([x.top_k for x in s]),
                 np.float32([x.top_p for x in s]), np.asarray([x.temperature == 0 for x in s]))
 
@@ -256,8 +270,10 @@ class Engine:
         windows.append(w)
         idle = np.zeros(self.slots, np.int32)
         for w in windows:
-            cache = self._step(self.params, self._zeros(w), idle, idle, self._keys, idle.astype(np.uint32),
-                               *self._settings([None] * self.slots))[-1]
+            cache = self._zeros(w)
+            for r in self._buckets():
+                cache = self._step(self.params, cache, idle[:r], idle[:r], self._keys[:r], idle[:r].astype(np.uint32),
+                                   *self._settings([None] * r))[-1]
             p = MIN_PROMPT
             while p <= w:
                 *_, k, v = self._prefill(self.params, np.zeros((1, p), np.int32), np.int32(1), np.int32(0),
@@ -329,12 +345,17 @@ class Engine:
         self._deliver(slot, int(tok), float(lp), top_ids, top_lp)
 
     def _advance(self) -> None:
-        counts = np.asarray([seq.generated if seq else 0 for seq in self._seqs], np.uint32)
-        tok, lp, top_ids, top_lp, self._cache = self._step(self.params, self._cache, self._last, self._pos,
-                                                           self._keys, counts, *self._settings(self._seqs))
+        """One step over the smallest bucket of slots that holds every active one (new sequences
+        take the lowest free slot, so few active sequences run a small step)."""
+        used = max(i for i, s in enumerate(self._seqs) if s is not None) + 1
+        r = min(b for b in self._buckets() if b >= used)
+        seqs = self._seqs[:r]
+        counts = np.asarray([seq.generated if seq else 0 for seq in seqs], np.uint32)
+        tok, lp, top_ids, top_lp, self._cache = self._step(self.params, self._cache, self._last[:r], self._pos[:r],
+                                                           self._keys[:r], counts, *self._settings(seqs))
         self.steps += 1
         tok, lp, top_ids, top_lp = (np.asarray(x) for x in (tok, lp, top_ids, top_lp))
-        for slot, seq in enumerate(self._seqs):
+        for slot, seq in enumerate(seqs):
             if seq is not None:
                 self._pos[slot] += 1
                 self._deliver(slot, int(tok[slot]), float(lp[slot]), top_ids[slot], top_lp[slot])
