@@ -21,25 +21,54 @@ def sample_logits(logits, key, temperature, top_k, top_p):
     key: one key, or a key per row (shape [b]) so that a row's draws do not depend on its batch.
     temperature > 0; top_k = 0 keeps all tokens; top_p = 1 keeps all. Each is a scalar or one value
     per row ([b]), and may be traced, so changing them does not recompile. Ties at the cut-off value
-    are kept. The sort that top-k and top-p need runs only when some row asks for one. Returns int32[b].
+    are kept. The cut-off is searched (:func:`kept_tokens`) only when some row asks for one.
+    Returns int32[b].
     """
     temperature, top_k, top_p = (jnp.reshape(jnp.asarray(x), (-1, 1)) for x in (temperature, top_k, top_p))
     logits = logits.astype(jnp.float32) / temperature
-
-    def cut(logits):
-        ranked = -jnp.sort(-logits, axis=-1)  # descending
-        rank = jnp.arange(logits.shape[-1])
-        ranked = jnp.where((top_k <= 0) | (rank < top_k), ranked, NEG_INF)
-        probs = jax.nn.softmax(ranked, axis=-1)
-        before = jnp.cumsum(probs, axis=-1) - probs  # probability mass ranked above each token
-        kept = jnp.sum((before < top_p) & (ranked > NEG_INF), axis=-1, keepdims=True)  # >= 1
-        cutoff = jnp.take_along_axis(ranked, kept - 1, axis=-1)
-        return jnp.where(logits >= cutoff, logits, NEG_INF)
-
-    logits = jax.lax.cond(jnp.any((top_k > 0) | (top_p < 1)), cut, lambda x: x, logits)
+    logits = lax.cond(jnp.any((top_k > 0) | (top_p < 1)),
+                      lambda x: jnp.where(kept_tokens(x, top_k, top_p), x, NEG_INF), lambda x: x, logits)
     if key.ndim:
         return jax.vmap(jax.random.categorical)(key, logits).astype(jnp.int32)
     return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+def kept_tokens(logits, top_k, top_p):
+    """bool[b, V]: the tokens top-k and then top-p keep: the k most likely (k <= 0: all), then the
+    fewest of those, most likely first, whose probability (renormalised over the k) reaches top_p;
+    every token tied with the last one kept is kept too.
+
+    logits: float32[b, V]; top_k, top_p: [b or 1, 1]. No sort (a sort of the vocabulary costs more
+    than a decoding step on a CPU): each cut-off is found by bisection over the float32 values'
+    order, 32 counting passes each.
+    """
+    vocab, shape = logits.shape[-1], (logits.shape[0], 1)
+    bits = lax.bitcast_convert_type(logits, jnp.uint32)
+    key = jnp.where(bits >> 31 == 1, ~bits, bits | jnp.uint32(1 << 31))  # uint32, ordered like the floats
+    k = jnp.where((top_k <= 0) | (top_k > vocab), vocab, top_k)
+    full = (jnp.zeros(shape, jnp.uint32), jnp.full(shape, 0xFFFFFFFF, jnp.uint32))
+
+    def kth(_, lo_hi):  # the largest key t with at least k keys >= t: the k-th largest
+        lo, hi = lo_hi
+        mid = lo + ((hi - lo) >> 1) + ((hi - lo) & 1)
+        ok = jnp.sum(key >= mid, axis=-1, keepdims=True) >= k
+        return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid - 1)
+
+    t_k, _ = lax.fori_loop(0, 32, kth, full)
+    e = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True))
+    above = key > t_k
+    e_k = jnp.max(jnp.where(key == t_k, e, 0.0), axis=-1, keepdims=True)
+    mass = jnp.sum(jnp.where(above, e, 0.0), axis=-1, keepdims=True) \
+        + (k - jnp.sum(above, axis=-1, keepdims=True)) * e_k  # of the k kept (ties at the k-th: as many as fit)
+
+    def nucleus(_, lo_hi):  # the smallest key t >= t_k whose strictly higher mass is below top_p
+        lo, hi = lo_hi
+        mid = lo + ((hi - lo) >> 1)
+        ok = jnp.sum(jnp.where(key > mid, e, 0.0), axis=-1, keepdims=True) < top_p * mass
+        return jnp.where(ok, lo, mid + 1), jnp.where(ok, mid, hi)
+
+    _, t_p = lax.fori_loop(0, 32, nucleus, (t_k, full[1]))
+    return key >= jnp.where(top_p >= 1, t_k, t_p)
 
 
 def greedy_or_sample(greedy: bool, temperature=1.0, top_k=0, top_p=1.0):

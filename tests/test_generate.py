@@ -36,6 +36,33 @@ def np_nucleus(logits, top_p):
     return set(order[before < top_p].tolist())
 
 
+def np_kept(logits, top_k, top_p):
+    """The tokens top-k then top-p keep, by sorting in float64 (ties at the last kept value kept)."""
+    x = logits.astype(np.float64)
+    ranked = np.sort(x)[::-1][:top_k if 0 < top_k <= len(x) else len(x)]
+    probs = np.exp(ranked - ranked[0])
+    probs /= probs.sum()
+    kept = np.sum(np.cumsum(probs) - probs < top_p) if top_p < 1 else len(ranked)
+    return x >= ranked[kept - 1]
+
+
+def test_kept_tokens_equal_a_sorted_float64_reference():
+    """The bisection cut-offs keep exactly what sorting keeps, ties, extremes and -inf included."""
+    from jaxformer.decode import kept_tokens
+    rng = np.random.RandomState(3)
+    rows = [np.round(rng.normal(size=300) * 3, 1) for _ in range(40)]  # many ties
+    rows += [rng.normal(size=300) * 20, np.full(300, 2.5), np.r_[np.full(299, -np.inf), 0.0]]
+    logits = np.stack(rows).astype(np.float32)
+    for top_k in (0, 1, 7, 40, 300, 1000):
+        for top_p in (0.05, 0.5, 0.9, 0.999, 1.0):
+            k = np.full((len(rows), 1), top_k, np.int32)
+            p = np.full((len(rows), 1), top_p, np.float32)
+            got = np.asarray(jax.jit(kept_tokens)(jnp.asarray(logits), k, p))
+            for i, row in enumerate(logits):
+                np.testing.assert_array_equal(got[i], np_kept(row, top_k, float(np.float32(top_p))),
+                                              err_msg=f"row {i}, top_k={top_k}, top_p={top_p}")
+
+
 def test_top_k_never_leaves_top_k_set():
     logits = np.random.RandomState(0).normal(size=(4, 50)).astype(np.float32) * 3
     samples = draw(jnp.asarray(logits), 2000, top_k=5)

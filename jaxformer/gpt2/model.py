@@ -71,7 +71,7 @@ class CausalSelfAttention(nn.Module):
             if fresh:
                 mask = mask[..., :t]
             else:
-                k, v = (a.astype(q.dtype) for a in cache.layer(layer_idx))
+                k, v = (a[:b].astype(q.dtype) for a in cache.layer(layer_idx))
         scale = cfg.head_dim**-0.5 if cfg.scale_attn_weights else 1.0
         if cfg.scale_attn_by_inverse_layer_idx:
             scale = scale / (layer_idx + 1)  # traced under nn.scan
@@ -134,7 +134,8 @@ class GPT2(nn.Module):
         tokens: int32[b, t]. positions: int32[b, t], default ``index + arange(t)``.
         key_valid: bool[b, kv_len] with kv_len = t without a cache, max_len with one; False marks
           padding (and cache slots not yet written). Default: all valid.
-        cache: KVCache with leaves [L, b, heads, max_len, head_dim]; this call writes at slot ``index``.
+        cache: KVCache with leaves [L, B, heads, max_len, head_dim]; this call writes at slot ``index``.
+          B >= b: a batch of b rows uses (and writes) the cache's first b rows only.
         last_only: return logits for the last position only ([b, 1, V]), as generation needs.
         at: int32[b]: return logits for position ``at[i]`` of row i only ([b, 1, V]; e.g. the last
           token of a right-padded prompt).

@@ -195,14 +195,10 @@ class Engine:
         counts [R] (its tokens so far: the step's key is ``fold_in(key, count)``); the sampling
         settings [R]. Returns (next int32[R], logprob [R], top ids [R, k], top logprobs [R, k],
         cache). Idle slots among them compute too (their results are ignored)."""
-        rows, window = tokens.shape[0], cache.k.shape[-2]
-        part = cache if rows == cache.k.shape[1] else KVCache(cache.k[:, :rows], cache.v[:, :rows])
-        key_valid = jnp.arange(window)[None, :] <= pos[:, None]
-        logits, part = self.model.apply({"params": params}, tokens[:, None], positions=pos[:, None],
-                                        key_valid=key_valid, cache=part, index=pos, last_only=True)
-        if rows < cache.k.shape[1]:
-            part = KVCache(*(jax.lax.dynamic_update_slice(c, p, (0,) * c.ndim) for c, p in zip(cache, part)))
-        return (*self._pick(logits[:, 0], keys, counts, temperature, top_k, top_p, greedy), part)
+        key_valid = jnp.arange(cache.k.shape[-2])[None, :] <= pos[:, None]
+        logits, cache = self.model.apply({"params": params}, tokens[:, None], positions=pos[:, None],
+                                         key_valid=key_valid, cache=cache, index=pos, last_only=True)
+        return (*self._pick(logits[:, 0], keys, counts, temperature, top_k, top_p, greedy), cache)
 
     def _buckets(self) -> list[int]:
         """The row counts a step is compiled for: powers of 4 below ``slots``, and ``slots``."""
