@@ -123,7 +123,11 @@ class Engine:
     def __init__(self, params, config: GPT2Config, slots: int = 8, max_queue: int = 64, warmup: bool = True):
         if slots < 1 or max_queue < 0:
             raise InputError(f"slots={slots} must be >= 1 and max_queue={max_queue} >= 0")
-        self.params, self.config, self.slots, self.max_queue = params, config, slots, max_queue
+        # Everything the jitted functions get lives committed on one device: a committed and an
+        # uncommitted array of the same shape would compile twice.
+        self._device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        self.params = jax.device_put(params, self._device)
+        self.config, self.slots, self.max_queue = config, slots, max_queue
         self.eos_id = config.eos_token_id
         self.model = GPT2(config)
         compilations()  # count from here on
@@ -186,7 +190,8 @@ class Engine:
 
     def _zeros(self, window: int) -> KVCache:
         c = self.config
-        return KVCache.zeros(self.slots, window, c.n_head, c.head_dim, c.compute_dtype, c.n_layer)
+        return jax.device_put(KVCache.zeros(self.slots, window, c.n_head, c.head_dim, c.compute_dtype, c.n_layer),
+                              self._device)
 
     @functools.partial(jax.jit, static_argnums=0, donate_argnums=2)
     def _step(self, params, cache, tokens, pos, keys, counts, temperature, top_k, top_p, greedy):
