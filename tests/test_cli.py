@@ -238,6 +238,7 @@ def bad_inputs(tmp, translator_dir, gpt2_dir):
     ]
 
 
+@pytest.mark.slow
 def test_every_script_answers_bad_input_with_a_clear_error(capsys, tmp_path, translator_dir, gpt2_dir):
     failures = []
     for script, argv, status, message in bad_inputs(tmp_path, translator_dir, gpt2_dir):
@@ -252,6 +253,7 @@ def test_debug_shows_the_traceback(capsys, tmp_path):
     assert status == 2 and "Traceback" in err and "error: " in err
 
 
+@pytest.mark.slow
 def test_invalid_utf8_is_replaced_with_a_warning_naming_the_line(capsys, tmp_path, translator_dir):
     (tmp_path / "in.txt").write_bytes("Hello.\nCaf\xe9?\n".encode("latin-1") + b"Good\n")
     status, out, err = call(capsys, "translate", "--model", translator_dir, "--beam", "1", "--input",

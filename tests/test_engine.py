@@ -43,6 +43,7 @@ def sequence(prompt, sampling, index=0):
     return Sequence(prompt, sampling, index, lambda t: tokens.append(t.id), finish), tokens, done, box
 
 
+@pytest.mark.slow
 def test_sequences_joining_and_leaving_equal_generate(engine):
     rng = np.random.default_rng(0)
     cases = [(rng.integers(0, 999, n).tolist(), s) for n, s in [

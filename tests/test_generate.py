@@ -101,6 +101,7 @@ def test_temperature_matches_softmax_frequencies():
         np.testing.assert_allclose(freq, expect, atol=0.015)
 
 
+@pytest.mark.slow
 def test_top_k_1_sampling_equals_greedy(params):
     prompts = [[5, 6, 7], [9]]
     greedy = generate(params, CONFIG, prompts, max_new_tokens=20, greedy=True, stop_at_eos=False)
@@ -118,6 +119,7 @@ def test_each_sequence_stops_at_its_own_eos(params):
     assert out[1] == free[1]
 
 
+@pytest.mark.slow
 def test_seed_reproducible_and_rows_independent_of_batch(params):
     kw = dict(max_new_tokens=16, temperature=1.3, seed=7, stop_at_eos=False)
     a = generate(params, CONFIG, [[1, 2, 3], [4, 5]], **kw)
@@ -126,6 +128,7 @@ def test_seed_reproducible_and_rows_independent_of_batch(params):
     assert a != generate(params, CONFIG, [[1, 2, 3], [4, 5]], **{**kw, "seed": 8})
 
 
+@pytest.mark.slow
 def test_prompt_lengths_and_batch_sizes_are_bucketed(params):
     before = _generate._cache_size()
     for n in range(1, 11):  # ten prompt lengths, one bucket

@@ -37,6 +37,7 @@ def test_logits_match_hf(hf_dir, name):
 
 
 @pytest.mark.parametrize("name", ["tiny", "flags"])
+@pytest.mark.slow
 def test_unstacked_layers_match_hf(hf_dir, name, tmp_path):
     """scan_layers=False (h_0 .. h_{L-1}): same logits, and checkpoints store the stacked layout."""
     path, model = hf_dir(name)
@@ -83,6 +84,7 @@ def test_greedy_matches_hf_generate(hf_dir, name, scan):
     assert ours == ref
 
 
+@pytest.mark.slow
 def test_left_padded_batch_equals_single_prompts(hf_dir):
     path, _ = hf_dir("tiny")
     config, params, _ = load_pretrained(path)
@@ -133,6 +135,7 @@ def test_other_hf_weight_formats(hf_dir, save_kw):
     np.testing.assert_allclose(np.asarray(logits), hf_logits(model, ids), atol=1e-4, rtol=0)
 
 
+@pytest.mark.slow
 def test_bfloat16_compute_stays_close(hf_dir):
     path, model = hf_dir("tiny")
     config, params, _ = load_pretrained(path, dtype="bfloat16", param_dtype="bfloat16")

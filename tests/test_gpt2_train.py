@@ -143,6 +143,7 @@ def test_loss_fn_matches_numpy_cross_entropy():
     np.testing.assert_allclose(float(loss), want, rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_bf16_compute_keeps_float32_master_weights_and_loss():
     cfg = preset("tiny", vocab_size=50, n_positions=16, dtype="bfloat16")
     params = init_params(cfg, jax.random.key(0))

@@ -53,25 +53,25 @@ def test_project_equals_float64_matmul(rows):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("weights, logit_atol, min_agreement", [("bfloat16", 0.05, 0.9), ("int8", 0.2, 0.75)])
-def test_low_precision_logits_and_greedy_tokens_track_float32(hf_dir, weights, logit_atol, min_agreement):
-    """The 124M shape (random weights, Hugging Face's initialisation): logits within a bound of
-    the float32 model's, and most greedy tokens the same (random weights make near ties common)."""
+def test_low_precision_logits_and_greedy_tokens_track_float32(hf_dir):
+    """The 124M shape (random weights, Hugging Face's initialisation): bf16 and int8 logits within a
+    bound of PyTorch's float32 ones, and most greedy tokens the same as float32's (random weights
+    make near ties common)."""
     path, model = hf_dir("real")
     config, params, _ = load_pretrained(path, scan_layers=False)
-    qconfig, qparams, _ = load_pretrained(path, weights=weights, scan_layers=False)
-    assert qconfig.weights == weights
     ids = np.random.RandomState(0).randint(0, config.vocab_size, (2, 24)).astype(np.int32)
     with torch.no_grad():
         ref = model(torch.tensor(ids, dtype=torch.long)).logits.double().numpy()
-    got = np.asarray(GPT2(qconfig).apply({"params": qparams}, ids)[0])
-    assert np.abs(got - ref).max() < logit_atol
-    assert np.abs(got - ref).max() > 1e-6  # really the low-precision weights
     prompts = ids[:, :8].tolist()
-    a = generate(params, config, prompts, max_new_tokens=16, greedy=True, stop_at_eos=False)
-    b = generate(qparams, qconfig, prompts, max_new_tokens=16, greedy=True, stop_at_eos=False)
-    agree = np.mean([x == y for ra, rb in zip(a, b) for x, y in zip(ra, rb)])
-    assert agree >= min_agreement, agree
+    want = generate(params, config, prompts, max_new_tokens=16, greedy=True, stop_at_eos=False)
+    for weights, logit_atol, min_agreement in (("bfloat16", 0.05, 0.9), ("int8", 0.2, 0.75)):
+        qconfig, qparams, _ = load_pretrained(path, weights=weights, scan_layers=False)
+        assert qconfig.weights == weights
+        got = np.asarray(GPT2(qconfig).apply({"params": qparams}, ids)[0])
+        assert 1e-6 < np.abs(got - ref).max() < logit_atol, weights  # really low precision, and close
+        b = generate(qparams, qconfig, prompts, max_new_tokens=16, greedy=True, stop_at_eos=False)
+        agree = np.mean([x == y for ra, rb in zip(want, b) for x, y in zip(ra, rb)])
+        assert agree >= min_agreement, (weights, agree)
 
 
 @pytest.mark.slow

@@ -79,6 +79,7 @@ def test_head_ablation_and_scaling_match_hf_hooks(hf_dir, name, scan):
     np.testing.assert_allclose(run(params, ids, half), want, atol=1e-4, rtol=0)
 
 
+@pytest.mark.slow
 def test_mean_ablation_sets_the_heads_mean_output(hf_dir):
     path, model = hf_dir("tiny")
     config, params, _ = load_pretrained(path)
@@ -98,6 +99,7 @@ def test_mean_ablation_sets_the_heads_mean_output(hf_dir):
     np.testing.assert_allclose(logits[0], want, atol=1e-4, rtol=0)
 
 
+@pytest.mark.slow
 def test_patching_the_whole_residual_stream_reproduces_the_other_run(hf_dir):
     path, _ = hf_dir("tiny")
     config, params, _ = load_pretrained(path, scan_layers=False)
@@ -135,6 +137,7 @@ def test_generation_with_an_ablated_head_matches_hf_generate(hf_dir):
     assert got == ref and got != plain
 
 
+@pytest.mark.slow
 def test_generation_with_a_steering_vector_matches_the_uncached_edited_forward(hf_dir):
     path, _ = hf_dir("tiny")
     config, params, _ = load_pretrained(path)
@@ -214,6 +217,7 @@ def batch():
 
 
 @pytest.mark.parametrize("pre_ln, tie", [(True, True), (False, False)])
+@pytest.mark.slow
 def test_translator_layers_and_attention_match_the_torch_twin(pre_ln, tie):
     cfg = preset("tiny").replace(dropout=0.0, pre_ln=pre_ln, tie_embeddings=tie)
     params = init_params(cfg, jax.random.key(3))
@@ -262,8 +266,10 @@ def test_translation_with_edits_equals_the_edited_greedy_loop(translator_dir):
     seq = [tk.BOS_ID]
     bucket = next(n for n in source_lengths(cfg.max_len) if n >= src.shape[1])
     limit = min(math.ceil(MAX_OUT_RATIO * src.shape[1]) + MAX_OUT_EXTRA, output_len(cfg, bucket))
-    for _ in range(limit):
-        nxt = int(np.argmax(forward(np.asarray([seq], np.int32))[0, -1]))
+    for _ in range(limit):  # the prefix padded to one length (causal: the padding is never seen)
+        padded = np.full((1, limit + 1), tk.PAD_ID, np.int32)
+        padded[0, :len(seq)] = seq
+        nxt = int(np.argmax(forward(padded)[0, len(seq) - 1]))
         seq.append(nxt)
         if nxt == tk.EOS_ID:
             break
@@ -319,6 +325,7 @@ def test_attention_map_and_induction_scripts_write_pictures(hf_dir, translator_d
     assert (tmp_path / "h" / "scores.png").is_file()
 
 
+@pytest.mark.slow
 def test_logit_lens_ends_at_the_model_output_and_figures_draw(tmp_path):
     """The lens's last row is the model's own prediction; the figures write readable PNGs."""
     from jaxformer import figures

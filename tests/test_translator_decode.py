@@ -66,6 +66,7 @@ def uncached_greedy(params, src, max_len):
     return out
 
 
+@pytest.mark.slow
 def test_cached_greedy_equals_uncached(params):
     src = sources()
     max_len = output_len(CFG, src.shape[1])
@@ -99,6 +100,7 @@ def test_batch_equals_sentences_one_by_one(params, tokenizer, beam):
     assert any(batch)
 
 
+@pytest.mark.slow
 def test_translate_keeps_order_empty_lines_and_truncates(params, tokenizer):
     model = TranslatorModel(CFG, params, tokenizer, batch_size=4)
     long = " ".join(["cheese"] * 60)

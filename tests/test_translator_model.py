@@ -38,6 +38,7 @@ def test_logits_match_torch_transformer(pre_ln, tie, act):
     np.testing.assert_allclose(ours[valid], ref[valid], atol=2e-5, rtol=1e-4)
 
 
+@pytest.mark.slow
 def test_cached_steps_equal_full_forward_and_padding_is_inert():
     cfg = preset("tiny")
     params = init_params(cfg, jax.random.PRNGKey(2))
