@@ -102,14 +102,15 @@ def dot_product_attention(q, k, v, mask, *, scale, upcast_qk: bool = False, drop
         return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=float(scale), is_causal=mask is None)
     if mask is None:
         mask = causal_mask(jnp.ones((1, q.shape[1]), bool), q.shape[1])
+    if not heads_major:  # XLA:CPU's dots (and their gradients) are faster on heads-major operands
+        k, v = KVCache.from_heads(k, v)
     if upcast_qk:
         q, k = q.astype(jnp.float32), k.astype(jnp.float32)
-    kv = "bhkd" if heads_major else "bkhd"
-    scores = jnp.einsum(f"bqhd,{kv}->bhqk", q, k, preferred_element_type=jnp.float32) * scale
+    scores = jnp.einsum("bqhd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
     scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1)
     if probs_fn is not None:
         probs = probs_fn(probs)
     if dropout_fn is not None:
         probs = dropout_fn(probs)
-    return jnp.einsum(f"bhqk,{kv}->bqhd", probs.astype(v.dtype), v)
+    return jnp.einsum("bhqk,bhkd->bqhd", probs.astype(v.dtype), v)
