@@ -19,18 +19,26 @@ def sample_logits(logits, key, temperature, top_k, top_p):
     """Draws one token per row from ``logits: float32[b, V]``.
 
     key: one key, or a key per row (shape [b]) so that a row's draws do not depend on its batch.
-    temperature > 0; top_k = 0 keeps all tokens; top_p = 1 keeps all. Each is a scalar or one value
-    per row ([b]), and may be traced, so changing them does not recompile. Ties at the cut-off value
-    are kept. The cut-off is searched (:func:`kept_tokens`) only when some row asks for one.
-    Returns int32[b].
+    temperature >= 0 (0: that row is greedy, its argmax); top_k = 0 keeps all tokens; top_p = 1 keeps
+    all. Each is a scalar or one value per row ([b]), and may be traced, so changing them does not
+    recompile. Ties at the cut-off value are kept. The draw runs only when some row samples, and the
+    cut-off search (:func:`kept_tokens`) only when some row asks for one. Returns int32[b].
     """
     temperature, top_k, top_p = (jnp.reshape(jnp.asarray(x), (-1, 1)) for x in (temperature, top_k, top_p))
-    logits = logits.astype(jnp.float32) / temperature
-    logits = lax.cond(jnp.any((top_k > 0) | (top_p < 1)),
-                      lambda x: jnp.where(kept_tokens(x, top_k, top_p), x, NEG_INF), lambda x: x, logits)
-    if key.ndim:
-        return jax.vmap(jax.random.categorical)(key, logits).astype(jnp.int32)
-    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+    logits = logits.astype(jnp.float32)
+    greedy = temperature == 0
+    argmax = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+    def draw(x):
+        x = x / jnp.where(greedy, 1.0, temperature)
+        x = lax.cond(jnp.any((top_k > 0) | (top_p < 1)),
+                     lambda x: jnp.where(kept_tokens(x, top_k, top_p), x, NEG_INF), lambda x: x, x)
+        if key.ndim:
+            return jax.vmap(jax.random.categorical)(key, x).astype(jnp.int32)
+        return jax.random.categorical(key, x, axis=-1).astype(jnp.int32)
+
+    drawn = lax.cond(jnp.all(greedy), lambda x: argmax, draw, logits)
+    return jnp.where(greedy[:, 0], argmax, drawn)
 
 
 def kept_tokens(logits, top_k, top_p):

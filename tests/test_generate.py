@@ -63,6 +63,15 @@ def test_kept_tokens_equal_a_sorted_float64_reference():
                                               err_msg=f"row {i}, top_k={top_k}, top_p={top_p}")
 
 
+def test_temperature_zero_rows_are_greedy_next_to_sampled_rows():
+    logits = np.random.RandomState(4).normal(size=(4, 50)).astype(np.float32) * 2
+    samples = draw(jnp.asarray(logits), 300, temperature=jnp.float32([0, 1, 0, 1]), top_k=3)
+    for row in (0, 2):
+        assert set(samples[:, row].tolist()) == {int(np.argmax(logits[row]))}
+    for row in (1, 3):
+        assert set(samples[:, row].tolist()) == set(np.argsort(-logits[row].astype(np.float64))[:3].tolist())
+
+
 def test_top_k_never_leaves_top_k_set():
     logits = np.random.RandomState(0).normal(size=(4, 50)).astype(np.float32) * 3
     samples = draw(jnp.asarray(logits), 2000, top_k=5)

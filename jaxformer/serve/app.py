@@ -36,6 +36,7 @@ from jaxformer.serve.engine import (
     Sequence,
     compilations,
     new_seed,
+    notify,
 )
 
 PAGE = Path(__file__).with_name("page.html")
@@ -230,10 +231,7 @@ class Translations:
                 out = e
             i = 0
             for job_sentences, _, done in batch:
-                try:
-                    done(out if isinstance(out, Exception) else out[i:i + len(job_sentences)])
-                except Exception:  # e.g. the event loop closed: the worker carries on
-                    traceback.print_exc()
+                notify(done, out if isinstance(out, Exception) else out[i:i + len(job_sentences)])
                 i += len(job_sentences)
             with self._cv:
                 self._busy = False

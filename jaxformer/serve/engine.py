@@ -128,6 +128,8 @@ class Engine:
         self._device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
         self.params = jax.device_put(params, self._device)
         self.config, self.slots, self.max_queue = config, slots, max_queue
+        # the row counts a step is compiled for: powers of 4 below ``slots``, and ``slots``
+        self.buckets = sorted({*(4**i for i in range(slots.bit_length()) if 4**i < slots), slots})
         self.eos_id = config.eos_token_id
         self.model = GPT2(config)
         compilations()  # count from here on
@@ -194,7 +196,7 @@ class Engine:
                               self._device)
 
     @functools.partial(jax.jit, static_argnums=0, donate_argnums=2)
-    def _step(self, params, cache, tokens, pos, keys, counts, temperature, top_k, top_p, greedy):
+    def _step(self, params, cache, tokens, pos, keys, counts, temperature, top_k, top_p):
         """One token for each of the first R slots (R = ``len(tokens)``, a bucket: the cache's other
         slots are left alone): tokens, pos int32[R]; keys uint32[R, 2] (each sequence's key data) and
         counts [R] (its tokens so far: the step's key is ``fold_in(key, count)``); the sampling
@@ -203,29 +205,20 @@ class Engine:
         key_valid = jnp.arange(cache.k.shape[-2])[None, :] <= pos[:, None]
         logits, cache = self.model.apply({"params": params}, tokens[:, None], positions=pos[:, None],
                                          key_valid=key_valid, cache=cache, index=pos, last_only=True)
-        return (*self._pick(logits[:, 0], keys, counts, temperature, top_k, top_p, greedy), cache)
-
-    def _buckets(self) -> list[int]:
-        """The row counts a step is compiled for: powers of 4 below ``slots``, and ``slots``."""
-        b = [1]
-        while b[-1] * 4 < self.slots:
-            b.append(b[-1] * 4)
-        return sorted({*b, self.slots})
+        return (*self._pick(logits[:, 0], keys, counts, temperature, top_k, top_p), cache)
 
     @staticmethod
-    def _pick(logits, keys, counts, temperature, top_k, top_p, greedy):
+    def _pick(logits, keys, counts, temperature, top_k, top_p):
+        """Each row's token (temperature 0: greedy; idle slots are), its log-probability and the
+        best alternatives."""
         keys = jax.vmap(jax.random.fold_in)(jax.random.wrap_key_data(keys), counts)
-        argmax = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-        sampled = jax.lax.cond(  # the draw only when some row samples (idle slots are greedy)
-            jnp.all(greedy), lambda: argmax,
-            lambda: sample_logits(logits, keys, jnp.where(greedy, 1.0, temperature), top_k, top_p))
-        tok = jnp.where(greedy, argmax, sampled)
+        tok = sample_logits(logits, keys, temperature, top_k, top_p)
         logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
         top_lp, top_ids = jax.lax.top_k(logp, TOP_LOGPROBS)
         return tok, jnp.take_along_axis(logp, tok[:, None], axis=-1)[:, 0], top_ids, top_lp
 
     @functools.partial(jax.jit, static_argnums=0)
-    def _prefill(self, params, tokens, length, seed, index, temperature, top_k, top_p, greedy):
+    def _prefill(self, params, tokens, length, seed, index, temperature, top_k, top_p):
         """One prompt, right-padded: tokens int32[1, P], length int32[]; the sequence's key is
         ``fold_in(key(seed), index)``. Returns (the first token's pick as in :meth:`_step`, the key's
         data uint32[2], k, v [L, 1, H, P, d])."""
@@ -234,7 +227,7 @@ class Engine:
                               self.config.n_layer)
         logits, cache = self.model.apply({"params": params}, tokens, cache=cache, index=0, at=(length - 1)[None])
         key = jax.random.key_data(jax.random.fold_in(jax.random.key(seed), index))
-        pick = self._pick(logits[:, 0], key[None], jnp.zeros(1, jnp.uint32), temperature, top_k, top_p, greedy)
+        pick = self._pick(logits[:, 0], key[None], jnp.zeros(1, jnp.uint32), temperature, top_k, top_p)
         return (*pick, key, cache.k, cache.v)
 
     @staticmethod
@@ -258,8 +251,7 @@ class Engine:
     def _settings(self, seqs) -> tuple:
         """The sampling settings of ``seqs`` (None: an idle slot) as arrays for the jitted functions."""
         s = [seq.sampling if seq else Sampling(1, temperature=0) for seq in seqs]
-        return (np.float32([x.temperature for x in s]), np.int32([x.top_k for x in s]),
-                np.float32([x.top_p for x in s]), np.asarray([x.temperature == 0 for x in s]))
+        return np.float32([x.temperature for x in s]), np.int32([x.top_k for x in s]), np.float32([x.top_p for x in s])
 
     def warmup(self) -> None:
         """Compiles every shape serving can meet: each window, each prompt length that fits it, the
@@ -272,7 +264,7 @@ class Engine:
         idle = np.zeros(self.slots, np.int32)
         for w in windows:
             cache = self._zeros(w)
-            for r in self._buckets():
+            for r in self.buckets:
                 cache = self._step(self.params, cache, idle[:r], idle[:r], self._keys[:r], idle[:r].astype(np.uint32),
                                    *self._settings([None] * r))[-1]
             p = MIN_PROMPT
@@ -318,11 +310,11 @@ class Engine:
                     break
                 with self._lock:
                     self._queued -= 1
-                _notify(seq.finish, "cancelled")
+                notify(seq.finish, "cancelled")
             try:
                 self._start(slot, seq)
             except Exception:
-                _notify(seq.finish, "error")
+                notify(seq.finish, "error")
                 raise
             finally:  # counted as queued until it holds its slot
                 with self._lock:
@@ -342,20 +334,20 @@ class Engine:
         seq.slot = slot
         self._seqs[slot] = seq
         self._pos[slot] = n
-        tok, lp, top_ids, top_lp = (np.asarray(x)[0] for x in (tok, lp, top_ids, top_lp))  # no device indexing
+        tok, lp, top_ids, top_lp = (x[0] for x in jax.device_get((tok, lp, top_ids, top_lp)))  # one transfer
         self._deliver(slot, int(tok), float(lp), top_ids, top_lp)
 
     def _advance(self) -> None:
         """One step over the smallest bucket of slots that holds every active one (new sequences
         take the lowest free slot, so few active sequences run a small step)."""
         used = max(i for i, s in enumerate(self._seqs) if s is not None) + 1
-        r = min(b for b in self._buckets() if b >= used)
+        r = min(b for b in self.buckets if b >= used)
         seqs = self._seqs[:r]
         counts = np.asarray([seq.generated if seq else 0 for seq in seqs], np.uint32)
         tok, lp, top_ids, top_lp, self._cache = self._step(self.params, self._cache, self._last[:r], self._pos[:r],
                                                            self._keys[:r], counts, *self._settings(seqs))
         self.steps += 1
-        tok, lp, top_ids, top_lp = (np.asarray(x) for x in (tok, lp, top_ids, top_lp))
+        tok, lp, top_ids, top_lp = jax.device_get((tok, lp, top_ids, top_lp))  # one transfer
         for slot, seq in enumerate(seqs):
             if seq is not None:
                 self._pos[slot] += 1
@@ -368,7 +360,7 @@ class Engine:
             return self._end(slot, "cancelled")
         seq.generated += 1
         self._last[slot] = token
-        if not _notify(seq.emit, Token(token, logprob, top_ids.tolist(), top_lp.tolist())):
+        if not notify(seq.emit, Token(token, logprob, top_ids.tolist(), top_lp.tolist())):
             self._end(slot, "error")
         elif token == self.eos_id and not seq.sampling.ignore_eos:
             self._end(slot, "stop")
@@ -379,7 +371,7 @@ class Engine:
 
     def _end(self, slot: int, reason: str) -> None:
         seq, self._seqs[slot] = self._seqs[slot], None
-        _notify(seq.finish, reason)
+        notify(seq.finish, reason)
 
     def _fit_window(self) -> None:
         """Grows the window before a sequence would write past it; shrinks it when the longest
@@ -396,7 +388,7 @@ class Engine:
             self.window = window
 
 
-def _notify(callback, *args) -> bool:
+def notify(callback, *args) -> bool:
     """Calls a sequence's callback; one that fails (e.g. its event loop closed) is logged and does
     not stop the engine. Returns whether it succeeded."""
     try:
