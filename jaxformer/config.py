@@ -3,7 +3,7 @@
 Each model has two: the architecture config (``config.json``: what rebuilding the model from a
 checkpoint needs) and the run config (``run.json``: data, optimizer, schedule, cadence). A field is
 declared with :func:`param`: its default, its help (which becomes the command-line help, see
-:mod:`jaxformer.cli`), its allowed values, and whether ``--resume`` may change it. Values are
+:mod:`jaxformer.commands.cli`), its allowed values, and whether ``--resume`` may change it. Values are
 checked when a config is built, so a bad one never reaches the code that uses it.
 """
 

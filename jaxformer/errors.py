@@ -1,6 +1,6 @@
 """The one exception users see: bad input, named.
 
-Command lines (:mod:`jaxformer.cli`) print an :class:`InputError` as ``error: <message>`` with no
+Command lines (:mod:`jaxformer.commands.cli`) print an :class:`InputError` as ``error: <message>`` with no
 traceback, so its message must name what is wrong: the file, key, value or line, and the fix.
 """
 

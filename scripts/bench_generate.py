@@ -17,7 +17,7 @@ import time
 import jax
 import numpy as np
 
-from jaxformer import cli
+from jaxformer.commands import cli
 from jaxformer.benchmark import (
     STATISTIC,
     best_times,

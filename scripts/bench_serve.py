@@ -6,7 +6,7 @@
 Every server serves the same random-weight GPT-2 124M (transformers, seed 0, saved with the GPT-2
 tokenizer in a temporary directory) on 127.0.0.1, one server at a time, alone on the machine:
 
-* jaxformer: ``scripts/serve.py --gpt2 DIR --slots S`` (S: the largest stream count; --server-cmd
+* jaxformer: ``jaxformer/commands/serve.py --gpt2 DIR --slots S`` (S: the largest stream count; --server-cmd
   replaces the command, e.g. to try the script against a stand-in);
 * hf-serve: ``transformers serve DIR --continuous-batching --device cpu --dtype float32`` with a
   KV cache sized for the load (by default it takes 90% of the free RAM);
@@ -43,7 +43,7 @@ from pathlib import Path
 
 import numpy as np
 
-from jaxformer import cli
+from jaxformer.commands import cli
 from jaxformer.benchmark import device_name, write_json
 from jaxformer.errors import InputError
 
@@ -114,7 +114,7 @@ def make_model(path: Path) -> None:
     import torch
     import transformers
 
-    from jaxformer.tokenizer import GPT2_DIR
+    from jaxformer.gpt2.tokenizer import GPT2_DIR
 
     transformers.utils.logging.disable_progress_bar()
     torch.manual_seed(0)
@@ -128,7 +128,7 @@ def make_model(path: Path) -> None:
 def one_token_words() -> list[str]:
     """GPT-2 tokens " word" (lowercase ASCII letters) that encode back to themselves alone: a prompt
     joining n of them is exactly n tokens."""
-    from jaxformer.tokenizer import GPT2Tokenizer
+    from jaxformer.gpt2.tokenizer import GPT2Tokenizer
 
     tok = GPT2Tokenizer.gpt2()
     vocab = tok.tokenizer.get_vocab()

@@ -1,4 +1,4 @@
-"""What capturing costs: a GPT-2 forward pass, plain and through jaxformer.taps, in the same run.
+"""What capturing costs: a GPT-2 forward pass, plain and through jaxformer.nn.taps, in the same run.
 
     python scripts/bench_taps.py --json bench_taps.json
 
@@ -11,7 +11,7 @@ weights, float32.
 
 import sys
 
-from jaxformer import cli
+from jaxformer.commands import cli
 
 
 def main(argv=None) -> int:
@@ -29,7 +29,7 @@ def bench(args) -> int:
     import jax
     import numpy as np
 
-    from jaxformer import taps
+    from jaxformer.nn import taps
     from jaxformer.benchmark import STATISTIC, best_times, device_name, write_json
     from jaxformer.errors import InputError
     from jaxformer.gpt2.config import preset

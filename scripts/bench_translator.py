@@ -22,23 +22,19 @@ import jax
 import numpy as np
 import torch
 
-from jaxformer import cli
+from jaxformer.commands import cli
 from jaxformer.benchmark import STATISTIC, best_times, device_name, write_json
 from jaxformer.errors import InputError
-from jaxformer.training import (
-    TrainState,
-    make_optimizer,
-    make_schedule,
-    make_train_step,
-)
+from jaxformer.train.optim import make_optimizer, make_schedule
+from jaxformer.train.step import TrainState, make_train_step
 from jaxformer.translator import data as tdata
 from jaxformer.translator import tokenizer as tk
 from jaxformer.translator.batching import Batcher, pad_sources
 from jaxformer.translator.config import PRESETS, preset
-from jaxformer.translator.decode import TranslatorModel, output_len
+from jaxformer.translator.translate import TranslationPipeline, output_len
 from jaxformer.translator.model import init_params
 from jaxformer.translator.torch_model import from_flax
-from jaxformer.translator.train import TranslationTrainConfig, make_loss_fn
+from jaxformer.translator.train import TranslatorRunConfig, make_loss_fn
 
 
 def autocast(tdev: str, dtype: str):
@@ -86,7 +82,7 @@ def bench_train(cfg, run, params, batches, repeats, tdev):
 
 def bench_translate(cfg, params, tok, sentences, repeats, tdev):
     """Sentences per second: JAX greedy, JAX beam 4, PyTorch book-style greedy."""
-    jmodel = TranslatorModel(cfg, params, tok, batch_size=len(sentences))
+    jmodel = TranslationPipeline(cfg, params, tok, batch_size=len(sentences))
     tmodel = from_flax(params, cfg).to(tdev).eval()
     ids = [i[:cfg.max_len - 1] for i in tk.encode(tok, sentences)]
     length = max(len(i) for i in ids) + 1
@@ -128,7 +124,7 @@ def bench(args) -> int:
 
     splits = tdata.split_pairs(tdata.load_pairs(args.data))
     if args.model:
-        loaded = TranslatorModel.load(args.model)
+        loaded = TranslationPipeline.load(args.model)
         cfg, params, tok = loaded.cfg, loaded.params, loaded.tokenizer
     else:
         cfg = preset(args.preset)
@@ -136,9 +132,9 @@ def bench(args) -> int:
         params = init_params(cfg, jax.random.PRNGKey(0))
     params = jax.device_get(params)
     if args.model and (Path(args.model) / "run.json").is_file():
-        run = TranslationTrainConfig.load(Path(args.model) / "run.json")
+        run = TranslatorRunConfig.load(Path(args.model) / "run.json")
     else:
-        run = TranslationTrainConfig(**{**PRESETS[args.preset][1], "steps": 1})
+        run = TranslatorRunConfig(**{**PRESETS[args.preset][1], "steps": 1})
     if args.bucket not in run.buckets:
         raise InputError(f"--bucket {args.bucket}: choose one of the padded lengths {run.buckets}")
 

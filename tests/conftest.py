@@ -1,8 +1,8 @@
 """Shared fixtures: random-weight Hugging Face GPT-2 models saved with save_pretrained, and data paths.
 
 Data come from ``$JAXFORMER_DATA`` (``.ci/run`` sets ``../shared/data``); when it is missing the
-tests that need it fail with a message instead of skipping. Scripts are importable as modules
-(``scripts/`` is on the path), so tests call their ``main(argv)`` in-process. Compiled programs go
+tests that need it fail with a message instead of skipping. Tests run the ``jaxformer`` verbs
+in-process through ``jaxformer.commands.main(argv)``. Compiled programs go
 to a persistent compilation cache in a temporary directory for the session (subprocesses inherit
 it): the many tiny runs compile the same programs, and compiling dominates their time.
 """
@@ -11,7 +11,6 @@ import atexit
 import json
 import os
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 
@@ -24,10 +23,8 @@ import pytest
 import torch
 import transformers
 
-from jaxformer.datasets import DATA_ENV
-from jaxformer.datasets import data_root as find_data_root
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+from jaxformer.data.datasets import DATA_ENV
+from jaxformer.data.datasets import data_root as find_data_root
 
 # name -> GPT2Config kwargs. "real" is the 124M shape; "flags" exercises the non-default options.
 HF_CONFIGS = {
@@ -84,7 +81,7 @@ def translator_dir(tmp_path_factory):
     """A translator model directory as train_translator.py writes it (random tiny weights)."""
     import jax
 
-    from jaxformer.checkpoint import save_pytree
+    from jaxformer.train.checkpoints import save_pytree
     from jaxformer.translator import tokenizer as tk
     from jaxformer.translator.config import preset
     from jaxformer.translator.model import init_params

@@ -4,7 +4,7 @@ and the einsum kernel, masks, and the KV cache written at one slot per row."""
 import numpy as np
 import pytest
 
-from jaxformer.attention import KVCache, causal_mask, dot_product_attention
+from jaxformer.nn.attention import KVCache, causal_mask, dot_product_attention
 
 
 def reference(q, k, v, mask, scale):

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxformer.decode import beam_search, decode_loop, greedy_or_sample, length_penalty
+from jaxformer.nn.decoding import beam_search, decode_loop, greedy_or_sample, length_penalty
 
 V, EOS = 4, 0
 

@@ -8,7 +8,7 @@ import time
 import numpy as np
 import pytest
 
-from jaxformer.checkpoint import restore_pytree, save_pytree
+from jaxformer.train.checkpoints import restore_pytree, save_pytree
 
 
 def test_replace_and_restore(tmp_path):
@@ -24,7 +24,7 @@ def test_kill_at_any_moment_leaves_a_whole_checkpoint(tmp_path):
     old = np.full((4,), 7.0, np.float32)
     code = textwrap.dedent(f"""
         import numpy as np
-        from jaxformer.checkpoint import save_pytree
+        from jaxformer.train.checkpoints import save_pytree
         print("start", flush=True)
         save_pytree({str(tmp_path / 'ck')!r}, {{"w": np.ones((64, 1 << 20), np.float32)}})
     """)

@@ -7,32 +7,49 @@ compiles.
 
 import argparse
 import dataclasses
-import importlib
+import importlib.util
 import json
+import pathlib
 import shutil
 import socket
+import sys
 
 import numpy as np
 import pytest
 
-from jaxformer import cli
+from jaxformer.commands import cli
+from jaxformer.commands import COMMANDS
+from jaxformer.commands import main as jaxformer_main
 from jaxformer.config import resume_changes
 from jaxformer.errors import InputError
 from jaxformer.gpt2.config import GPT2Config
-from jaxformer.gpt2.train import LMTask, LMTrainConfig
+from jaxformer.gpt2.train import GPT2Task, GPT2RunConfig
 from jaxformer.translator.config import TranslatorConfig
-from jaxformer.translator.train import TranslationTask, TranslationTrainConfig
+from jaxformer.translator.train import TranslatorTask, TranslatorRunConfig
 
 
-def call(capsys, script: str, *argv) -> tuple[int, str, str]:
-    """(exit status, stdout, stderr) of ``scripts/<script>.py``'s main(argv), in this process."""
+def call(capsys, verb: str, *argv) -> tuple[int, str, str]:
+    """(exit status, stdout, stderr) of ``jaxformer VERB ARGV...`` (or of ``scripts/bench_*.py``'s
+    main(argv)), in this process."""
     capsys.readouterr()
     try:
-        status = importlib.import_module(script).main([str(a) for a in argv])
+        if verb.startswith("bench_"):
+            status = bench_script(verb).main([str(a) for a in argv])
+        else:
+            status = jaxformer_main([*verb.split(), *map(str, argv)])
     except SystemExit as e:  # argparse's usage errors
         status = e.code
     out, err = capsys.readouterr()
     return status, out, err
+
+
+def bench_script(name: str):
+    """``scripts/<name>.py`` as a module (the benchmarks are programs of the source tree, not the package)."""
+    path = pathlib.Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 # --- flags from configs ------------------------------------------------------------------------------
@@ -45,7 +62,7 @@ def trainer_parser(task_cls) -> argparse.ArgumentParser:
     return ap
 
 
-@pytest.mark.parametrize("task_cls, dropout", [(LMTask, "resid_pdrop"), (TranslationTask, "dropout")])
+@pytest.mark.parametrize("task_cls, dropout", [(GPT2Task, "resid_pdrop"), (TranslatorTask, "dropout")])
 def test_every_field_is_a_typed_flag_and_set_works_for_both_trainers(task_cls, dropout):
     ap = trainer_parser(task_cls)
     flags = {a.option_strings[0]: a for a in ap._actions if a.option_strings}
@@ -60,14 +77,14 @@ def test_every_field_is_a_typed_flag_and_set_works_for_both_trainers(task_cls, d
 
 
 def test_flag_values_are_parsed_by_the_field_type():
-    args = trainer_parser(LMTask).parse_args(
+    args = trainer_parser(GPT2Task).parse_args(
         ["--data", "a.txt", "b.jsonl", "--prompt", "none", "--model.scan-layers", "false", "--model.n-inner", "96",
          "--set", "n_layer=4", "--set", "export_hf=out/hf"])
-    run, model = cli.overrides(args, LMTrainConfig, GPT2Config)
+    run, model = cli.overrides(args, GPT2RunConfig, GPT2Config)
     assert run == dict(data=("a.txt", "b.jsonl"), prompt=None, export_hf="out/hf")
     assert model == dict(scan_layers=False, n_inner=96, n_layer=4)  # a bare architecture name works too
-    args = trainer_parser(TranslationTask).parse_args(["--buckets", "8,16", "24", "--set", "buckets=8,12,24"])
-    assert cli.overrides(args, TranslationTrainConfig, TranslatorConfig)[0] == dict(buckets=(8, 12, 24))
+    args = trainer_parser(TranslatorTask).parse_args(["--buckets", "8,16", "24", "--set", "buckets=8,12,24"])
+    assert cli.overrides(args, TranslatorRunConfig, TranslatorConfig)[0] == dict(buckets=(8, 12, 24))
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -77,31 +94,31 @@ def test_flag_values_are_parsed_by_the_field_type():
 ])
 def test_unparsable_flag_values_are_usage_errors(argv, message, capsys):
     with pytest.raises(SystemExit) as e:
-        trainer_parser(LMTask).parse_args(argv)
+        trainer_parser(GPT2Task).parse_args(argv)
     assert e.value.code == 2 and message in capsys.readouterr().err
 
 
 def test_set_names_unknown_settings_and_suggests():
     args = argparse.Namespace(set=["schedul=cosine"])
     with pytest.raises(InputError, match="no setting 'schedul'; did you mean schedule"):
-        cli.overrides(args, LMTrainConfig, GPT2Config)
+        cli.overrides(args, GPT2RunConfig, GPT2Config)
 
 
 def test_values_are_checked_by_the_config():
     with pytest.raises(InputError, match="batch_size=-1: must be >= 1"):
-        LMTrainConfig(batch_size=-1)
+        GPT2RunConfig(batch_size=-1)
     with pytest.raises(InputError, match="schedule='cosin': choose from cosine, noam, constant"):
-        TranslationTrainConfig(schedule="cosin")
+        TranslatorRunConfig(schedule="cosin")
     with pytest.raises(InputError, match="d_model=30 is not divisible by n_heads=4"):
         TranslatorConfig(d_model=30)
     with pytest.raises(InputError, match="val_fraction=1.5: must be < 1"):
-        LMTrainConfig(val_fraction=1.5)
+        GPT2RunConfig(val_fraction=1.5)
     with pytest.raises(InputError, match=r"x.json: unknown GPT2Config keys \['bogus'\]"):
         GPT2Config.from_dict({"bogus": 1}, "x.json")
 
 
 def test_one_resume_rule_for_both_trainers():
-    for cfg in (LMTrainConfig(steps=100), TranslationTrainConfig(steps=100)):
+    for cfg in (GPT2RunConfig(steps=100), TranslatorRunConfig(steps=100)):
         assert resume_changes(cfg, dict(steps=300, log_every=7, keep=3)) == cfg.replace(steps=300, log_every=7, keep=3)
         assert resume_changes(cfg, dict(lr=cfg.lr)) == cfg  # the same value is no change
         with pytest.raises(InputError, match=r"--resume cannot change lr=0.5 .*may change only .*steps"):
@@ -145,29 +162,29 @@ def bad_inputs(tmp, translator_dir, gpt2_dir):
         port = s.getsockname()[1]
     return [
         # train_gpt2.py
-        ("train_gpt2", [*corpus, tmp / "a", "--batch-size", "-1"], 2, "error: batch_size=-1: must be >= 1"),
-        ("train_gpt2", [*corpus, tmp / "a", "--lr", "0"], 2, "error: lr=0.0: must be > 0"),
-        ("train_gpt2", ["--data", tmp / "missing.txt", "--out", tmp / "a"], 2, "missing.txt: no such file"),
-        ("train_gpt2", ["--data", tmp / "data.csv", "--out", tmp / "a"], 2, "data.csv: expected a .txt or .jsonl"),
-        ("train_gpt2", ["--data", tmp / "broken.jsonl", "--out", tmp / "a"], 2, "broken.jsonl:2: malformed JSON"),
-        ("train_gpt2", ["--data", tmp / "nofield.jsonl", "--out", tmp / "a"], 2,
+        ("train gpt2", [*corpus, tmp / "a", "--batch-size", "-1"], 2, "error: batch_size=-1: must be >= 1"),
+        ("train gpt2", [*corpus, tmp / "a", "--lr", "0"], 2, "error: lr=0.0: must be > 0"),
+        ("train gpt2", ["--data", tmp / "missing.txt", "--out", tmp / "a"], 2, "missing.txt: no such file"),
+        ("train gpt2", ["--data", tmp / "data.csv", "--out", tmp / "a"], 2, "data.csv: expected a .txt or .jsonl"),
+        ("train gpt2", ["--data", tmp / "broken.jsonl", "--out", tmp / "a"], 2, "broken.jsonl:2: malformed JSON"),
+        ("train gpt2", ["--data", tmp / "nofield.jsonl", "--out", tmp / "a"], 2,
          "nofield.jsonl:1: no text field 'text' (use --text-field)"),
-        ("train_gpt2", [*corpus, tmp / "a", "--tokenizer", "bpe:many"], 2, "tokenizer='bpe:many': expected bpe:VOCAB"),
-        ("train_gpt2", [*corpus, tmp / "a", "--seq-len", "4096"], 2, "the training split: "),
-        ("train_gpt2", [*corpus, tmp / "a", "--mesh", "data=3"], 2, "--mesh 'data=3' needs 3 devices; there are"),
-        ("train_gpt2", ["--out", tmp / "nothing", "--resume"], 2, "holds no run (no run.json)"),
-        ("train_gpt2", [*corpus, tmp / "a", "--set", "schedule=cosin"], 2, "schedule='cosin': choose from"),
-        ("train_gpt2", [*corpus, tmp / "a", "--set", "foo=1"], 2, "--set 'foo=1': no setting 'foo'"),
-        ("train_gpt2", [*corpus, tmp / "a", "--init", tmp / "no-such-model"], 2, "no-such-model: no such directory"),
-        ("train_gpt2", [*corpus, tmp / "a", "--export-hf", tmp / "full"], 2, "the directory already holds files"),
-        ("train_gpt2", [*corpus, tmp / "a", "--model.n-head", "5"], 2, "n_embd=64 is not divisible by n_head=5"),
+        ("train gpt2", [*corpus, tmp / "a", "--tokenizer", "bpe:many"], 2, "tokenizer='bpe:many': expected bpe:VOCAB"),
+        ("train gpt2", [*corpus, tmp / "a", "--seq-len", "4096"], 2, "the training split: "),
+        ("train gpt2", [*corpus, tmp / "a", "--mesh", "data=3"], 2, "--mesh 'data=3' needs 3 devices; there are"),
+        ("train gpt2", ["--out", tmp / "nothing", "--resume"], 2, "holds no run (no run.json)"),
+        ("train gpt2", [*corpus, tmp / "a", "--set", "schedule=cosin"], 2, "schedule='cosin': choose from"),
+        ("train gpt2", [*corpus, tmp / "a", "--set", "foo=1"], 2, "--set 'foo=1': no setting 'foo'"),
+        ("train gpt2", [*corpus, tmp / "a", "--init", tmp / "no-such-model"], 2, "no-such-model: no such directory"),
+        ("train gpt2", [*corpus, tmp / "a", "--export-hf", tmp / "full"], 2, "the directory already holds files"),
+        ("train gpt2", [*corpus, tmp / "a", "--model.n-head", "5"], 2, "n_embd=64 is not divisible by n_head=5"),
         # train_translator.py
-        ("train_translator", ["--out", tmp / "tr"], 2, "give the run a length: steps, epochs or max_minutes"),
-        ("train_translator", tr, 2, "bad.zip: not a readable zip file"),
-        ("train_translator", [*tr, "--schedule", "cosine", "--steps", "none", "--max-minutes", "1"], 2,
+        ("train translator", ["--out", tmp / "tr"], 2, "give the run a length: steps, epochs or max_minutes"),
+        ("train translator", tr, 2, "bad.zip: not a readable zip file"),
+        ("train translator", [*tr, "--schedule", "cosine", "--steps", "none", "--max-minutes", "1"], 2,
          "schedule=cosine needs the run's length"),
-        ("train_translator", [*tr, "--buckets", "8", "16"], 2, "buckets=(8, 16) must be increasing and end at"),
-        ("train_translator", [*tr, "--epochs", "-1"], 2, "epochs=-1.0: must be > 0"),
+        ("train translator", [*tr, "--buckets", "8", "16"], 2, "buckets=(8, 16) must be increasing and end at"),
+        ("train translator", [*tr, "--epochs", "-1"], 2, "epochs=-1.0: must be > 0"),
         # generate.py
         ("generate", ["--model", gpt2_dir, "--prompt", "Hi", "--max-new-tokens", "0"], 2, "0 must be >= 1"),
         ("generate", ["--model", gpt2_dir, "--prompt", "Hi", "--top-p", "1.5"], 2, "1.5 must lie in (0, 1]"),
@@ -191,14 +208,14 @@ def bad_inputs(tmp, translator_dir, gpt2_dir):
          "taken.txt already exists; choose another output or pass --overwrite"),
         ("translate", ["--model", translator_dir], 2, "give sentences or --input FILE"),
         # eval_translator.py
-        ("eval_translator", ["--model", translator_dir, "--src", tmp / "two.txt", "--ref", tmp / "one.txt"], 2,
+        ("eval translator", ["--model", translator_dir, "--src", tmp / "two.txt", "--ref", tmp / "one.txt"], 2,
          "two.txt has 2 lines but"),
-        ("eval_translator", ["--model", translator_dir, "--src", tmp / "none.en", "--ref", tmp / "one.txt"], 2,
+        ("eval translator", ["--model", translator_dir, "--src", tmp / "none.en", "--ref", tmp / "one.txt"], 2,
          "none.en: No such file"),
         # convert_gpt2.py
-        ("convert_gpt2", [gpt2_dir, tmp / "full"], 2, "full already exists and is not empty"),
-        ("convert_gpt2", ["--to-hf", tmp / "full", tmp / "out"], 2, "not a jaxformer checkpoint"),
-        ("convert_gpt2", [tmp / "hf-bad-json", tmp / "out2"], 2, "malformed JSON"),
+        ("convert", [gpt2_dir, tmp / "full"], 2, "full already exists and is not empty"),
+        ("convert", ["--to-hf", tmp / "full", tmp / "out"], 2, "not a jaxformer checkpoint"),
+        ("convert", [tmp / "hf-bad-json", tmp / "out2"], 2, "malformed JSON"),
         # capture.py, attention_map.py, induction_heads.py
         ("capture", ["--model", gpt2_dir, "--prompt", "Hi", "--out", tmp / "a.npz", "--ablate", "9.0"], 2,
          "head 9.0 does not exist: layers 0..2, heads 0..3"),
@@ -206,22 +223,22 @@ def bad_inputs(tmp, translator_dir, gpt2_dir):
          "--ablate 'x': expected LAYER.HEAD"),
         ("capture", ["--model", gpt2_dir, "--prompt", "Hi", "--out", tmp / "taken.txt"], 2, "taken.txt already exists"),
         ("capture", ["--model", gpt2_dir, "--prompt", "", "--out", tmp / "b.npz"], 2, "--prompt is empty"),
-        ("attention_map", ["--model", translator_dir, "--text", " ", "--out", tmp / "m"], 2, "--text is empty"),
-        ("attention_map", ["--model", gpt2_dir, "--text", "Hi", "--out", tmp / "m"], 2, "a GPT-2 model, not a translator"),
-        ("attention_map", ["--model", translator_dir, "--prompt", "Hi", "--out", tmp / "m"], 2,
+        ("attention-map", ["--model", translator_dir, "--text", " ", "--out", tmp / "m"], 2, "--text is empty"),
+        ("attention-map", ["--model", gpt2_dir, "--text", "Hi", "--out", tmp / "m"], 2, "a GPT-2 model, not a translator"),
+        ("attention-map", ["--model", translator_dir, "--prompt", "Hi", "--out", tmp / "m"], 2,
          "a translator's config, not GPT-2's"),
-        ("induction_heads", ["--model", gpt2_dir, "--length", "100"], 2, "twice it exceeds the model's n_positions=128"),
+        ("induction-heads", ["--model", gpt2_dir, "--length", "100"], 2, "twice it exceeds the model's n_positions=128"),
         # serve.py, eval_gpt2.py
         ("serve", [], 2, "give --gpt2 MODEL, --translator MODEL, or both"),
         ("serve", ["--gpt2", gpt2_dir, "--slots", "0"], 2, "argument --slots: 0 must be >= 1"),
         ("serve", ["--gpt2", gpt2_dir, "--dtype", "bfloat16", "--quantize", "int8"], 2, "give --dtype or --quantize"),
         ("serve", ["--gpt2", tmp / "nope", "--port", port], 2, "nope: no such directory"),
         ("serve", ["--translator", gpt2_dir, "--port", port], 2, "a GPT-2 model, not a translator"),
-        ("eval_gpt2", ["--model", tmp / "nope"], 2, "nope: no such directory"),
-        ("eval_gpt2", ["--model", gpt2_dir, "--weights", "int4"], 2, "argument --weights: invalid choice: 'int4'"),
-        ("eval_gpt2", ["--model", gpt2_dir, "--seq-len", "500"], 2, "--seq-len 500 exceeds the model's n_positions=128"),
-        ("eval_gpt2", ["--model", gpt2_dir], 2, "is not a training run with data/val.npy: give --data"),
-        ("eval_gpt2", ["--model", gpt2_dir, "--data", tmp / "missing.txt"], 2, "missing.txt: no such file"),
+        ("eval gpt2", ["--model", tmp / "nope"], 2, "nope: no such directory"),
+        ("eval gpt2", ["--model", gpt2_dir, "--weights", "int4"], 2, "argument --weights: invalid choice: 'int4'"),
+        ("eval gpt2", ["--model", gpt2_dir, "--seq-len", "500"], 2, "--seq-len 500 exceeds the model's n_positions=128"),
+        ("eval gpt2", ["--model", gpt2_dir], 2, "is not a training run with data/val.npy: give --data"),
+        ("eval gpt2", ["--model", gpt2_dir, "--data", tmp / "missing.txt"], 2, "missing.txt: no such file"),
         # demo.py and the benchmarks
         ("demo", ["--preset", "gpt5"], 2, "unknown GPT-2 preset 'gpt5'"),
         ("bench_generate", ["--batch", "0"], 2, "argument --batch: 0 must be >= 1"),
@@ -248,6 +265,26 @@ def test_every_script_answers_bad_input_with_a_clear_error(capsys, tmp_path, tra
     assert not failures, "\n".join(failures)
 
 
+def test_the_command_lists_its_verbs_and_names_an_unknown_one(capsys):
+    status, out, _ = call(capsys, "--help")
+    assert status == 0 and all(verb in out for verb in COMMANDS)
+    status, out, _ = call(capsys, "train", "--help")
+    assert status == 0 and "train gpt2" in out and "train translator" in out and "serve" not in out
+    status, _, err = call(capsys, "trian")
+    assert status == 2 and "unknown verb 'trian'; did you mean train" in err
+    status, _, err = call(capsys, "eval", "bleu")
+    assert status == 2 and "unknown verb 'eval bleu'" in err
+    status, _, err = call(capsys, "serve", "--help")
+    assert status == 0
+
+
+def test_a_missing_extra_is_named_with_its_install_command(capsys, monkeypatch, gpt2_dir):
+    monkeypatch.setitem(sys.modules, "uvicorn", None)  # as if the serve extra were not installed
+    status, _, err = call(capsys, "serve", "--gpt2", gpt2_dir, "--no-warmup")
+    assert status == 2 and "Traceback" not in err
+    assert "this command needs uvicorn, from the optional extra serve: pip install 'jaxformer[serve]'" in err
+
+
 def test_debug_shows_the_traceback(capsys, tmp_path):
     status, _, err = call(capsys, "generate", "--model", tmp_path / "nope", "--prompt", "Hi", "--debug")
     assert status == 2 and "Traceback" in err and "error: " in err
@@ -262,13 +299,14 @@ def test_invalid_utf8_is_replaced_with_a_warning_naming_the_line(capsys, tmp_pat
     assert len(out.splitlines()) == 3
 
 
-def test_every_script_has_main_argv_and_the_boundary():
-    import pathlib
-    scripts = pathlib.Path(__file__).resolve().parents[1] / "scripts"
-    for path in sorted(scripts.glob("*.py")):
+def test_every_verb_and_benchmark_has_main_argv_and_the_boundary():
+    root = pathlib.Path(__file__).resolve().parents[1]
+    commands = [root / "jaxformer" / "commands" / f"{module}.py" for module, _ in COMMANDS.values()]
+    for path in commands + sorted((root / "scripts").glob("*.py")):
         text = path.read_text()
         assert "def main(argv=None) -> int:" in text and ("cli.run(" in text or "train_main(" in text), path.name
-        assert "sys.exit(main())" in text, path.name
+    for path in sorted((root / "scripts").glob("*.py")):
+        assert "sys.exit(main())" in path.read_text(), path.name
 
 
 def test_numbers_in_ranges():

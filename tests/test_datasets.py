@@ -4,9 +4,9 @@ import urllib.request
 
 import pytest
 
-from jaxformer import datasets
+from jaxformer.data import datasets
 from jaxformer.errors import InputError
-from jaxformer.tokenizer import GPT2_DIR, TOKENIZER_FILES, GPT2Tokenizer
+from jaxformer.gpt2.tokenizer import GPT2_DIR, TOKENIZER_FILES, GPT2Tokenizer
 
 
 def test_explicit_path_then_env_then_cache_then_download(tmp_path, monkeypatch):
@@ -72,10 +72,10 @@ def test_gpt2_tokenizer_ships_with_the_package(gpt2_tokenizer_dir):
 
 
 def test_library_reads_no_environment_but_the_resolver():
-    """Only jaxformer/datasets.py looks at environment variables (distributed.py reads the
-    launchers' own cluster variables, which JAX defines)."""
+    """Only jaxformer/data/datasets.py looks at environment variables (train/distributed.py reads
+    the launchers' own cluster variables, which JAX defines)."""
     import pathlib
-    package = pathlib.Path(datasets.__file__).parent
+    package = pathlib.Path(datasets.__file__).parents[1]
     readers = sorted(str(p.relative_to(package)) for p in package.rglob("*.py")
                      if "os.environ" in p.read_text() or "getenv" in p.read_text())
-    assert readers == ["datasets.py", "distributed.py"]
+    assert readers == ["data/datasets.py", "train/distributed.py"]

@@ -2,7 +2,7 @@
 
 import pytest
 
-from jaxformer import distributed
+from jaxformer.train import distributed
 
 
 @pytest.mark.parametrize("env, want", [

@@ -13,7 +13,7 @@ from jaxformer.gpt2.generate import generate
 from jaxformer.gpt2.pretrained import load_pretrained
 from jaxformer.serve.app import Choice, Translations
 from jaxformer.serve.engine import ENGINE_THREAD, Engine, QueueFull, Sampling, Sequence, Token, compilations
-from jaxformer.tokenizer import GPT2Tokenizer
+from jaxformer.gpt2.tokenizer import GPT2Tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxformer.decode import sample_logits
+from jaxformer.nn.decoding import sample_logits
 from jaxformer.gpt2.config import preset
 from jaxformer.gpt2.generate import _generate, generate
 from jaxformer.gpt2.model import init_params
@@ -48,7 +48,7 @@ def np_kept(logits, top_k, top_p):
 
 def test_kept_tokens_equal_a_sorted_float64_reference():
     """The bisection cut-offs keep exactly what sorting keeps, ties, extremes and -inf included."""
-    from jaxformer.decode import kept_tokens
+    from jaxformer.nn.decoding import kept_tokens
     rng = np.random.RandomState(3)
     rows = [np.round(rng.normal(size=300) * 3, 1) for _ in range(40)]  # many ties
     rows += [rng.normal(size=300) * 20, np.full(300, 2.5), np.r_[np.full(299, -np.inf), 0.0]]

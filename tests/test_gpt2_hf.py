@@ -10,7 +10,7 @@ import torch
 import transformers
 from safetensors.numpy import load_file
 
-from jaxformer.attention import KVCache
+from jaxformer.nn.attention import KVCache
 from jaxformer.gpt2 import hf
 from jaxformer.gpt2.generate import generate
 from jaxformer.gpt2.model import GPT2

@@ -20,21 +20,21 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-import train_gpt2
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from sigterm import sigterm_after_logging
 
-from jaxformer.checkpoint import Checkpoints
-from jaxformer.flops import gpt2_flops_per_token
+from jaxformer.commands.train_gpt2 import main  # jaxformer train gpt2, in this process
+from jaxformer.train.checkpoints import Checkpoints
+from jaxformer.train.flops import gpt2_flops_per_token
 from jaxformer.gpt2 import data as gdata
 from jaxformer.gpt2.config import GPT2Config, preset
 from jaxformer.gpt2.model import GPT2, init_params
-from jaxformer.gpt2.train import LMTrainConfig, make_loss_fn
-from jaxformer.training import decay_mask, make_optimizer, make_schedule
+from jaxformer.gpt2.train import GPT2RunConfig, make_loss_fn
+from jaxformer.train.optim import decay_mask, make_optimizer, make_schedule
 
 REPO = Path(__file__).resolve().parents[1]
-SCRIPT = str(REPO / "scripts" / "train_gpt2.py")
+COMMAND = [sys.executable, "-m", "jaxformer", "train", "gpt2"]
 # 40 updates with a cosine over 40; runs that stop at 20 keep schedule_steps=40.
 FLAGS = ["--tokenizer", "bpe:300", "--seq-len", "32", "--batch-size", "8", "--steps", "40", "--warmup", "5",
          "--lr", "3e-3", "--log-every", "1", "--eval-every", "20", "--eval-batches", "2", "--ckpt-every", "20",
@@ -52,7 +52,6 @@ def cli(corpus, out, *extra) -> list[str]:
     return ["--data", str(corpus), "--out", str(out), *FLAGS, *extra]
 
 
-main = train_gpt2.main  # scripts/train_gpt2.py's main, in this process
 
 
 def losses(path: Path) -> dict[int, float]:
@@ -108,7 +107,7 @@ def np_adamw(params, grads_seq, mask, lrs, b1, b2, eps, wd, clip):
 
 
 def test_adamw_matches_float64_numpy():
-    cfg = LMTrainConfig(lr=1e-2, warmup=2, steps=6, schedule_steps=6, weight_decay=0.1, clip_norm=0.5)
+    cfg = GPT2RunConfig(lr=1e-2, warmup=2, steps=6, schedule_steps=6, weight_decay=0.1, clip_norm=0.5)
     schedule = make_schedule(cfg)
     opt = make_optimizer(cfg, schedule)
     rng = np.random.default_rng(0)
@@ -168,8 +167,8 @@ def test_flops_per_token_counts_matmul_weights():
 @pytest.mark.slow
 def test_grad_accumulation_equals_one_big_batch():
     """Without dropout, 2 micro-batches of 4 give the update of one batch of 8 (the shared step)."""
-    from jaxformer import sharding as sh
-    from jaxformer.training import TrainState, make_train_step
+    from jaxformer.train import sharding as sh
+    from jaxformer.train.step import TrainState, make_train_step
 
     cfg = preset("tiny", vocab_size=64, n_positions=16, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
     opt = optax.sgd(1.0)  # the update is the gradient itself (Adam would amplify rounding in ~0 gradients)
@@ -267,9 +266,8 @@ def test_kill9_during_checkpoint_write_then_resume_is_bitwise(corpus, reference,
                 os.kill(os.getpid(), signal.SIGKILL)
             return await real(self)
         atomicity.AtomicRenameTemporaryPath.finalize = finalize
-        sys.path.insert(0, {str(REPO / 'scripts')!r})
-        import train_gpt2
-        train_gpt2.main({cli(corpus, out)!r})
+        from jaxformer.commands.train_gpt2 import main
+        main({cli(corpus, out)!r})
     """)
     proc = subprocess.run([sys.executable, "-c", child], env=subprocess_env(), capture_output=True, text=True)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
@@ -286,7 +284,7 @@ def test_kill9_during_checkpoint_write_then_resume_is_bitwise(corpus, reference,
 @pytest.mark.slow
 def test_sigterm_checkpoints_and_exits_zero(corpus, tmp_path):
     out = tmp_path / "run"
-    step, _ = sigterm_after_logging([sys.executable, SCRIPT, *cli(corpus, out, "--steps", "100000", "--ckpt-every",
+    step, _ = sigterm_after_logging([*COMMAND, *cli(corpus, out, "--steps", "100000", "--ckpt-every",
                                                                   "100000")], out, env=subprocess_env())
     assert Checkpoints(out).latest_step() == step >= 3
 
@@ -350,16 +348,16 @@ def test_mesh_data4_fsdp2_matches_one_device_and_restores_on_another_mesh(corpus
         import shutil
         from pathlib import Path
         import jax
-        from jaxformer.gpt2.train import LMTask
-        from jaxformer.loop import train
+        from jaxformer.gpt2.train import GPT2Task
+        from jaxformer.train.loop import train
         assert jax.device_count() == 8
         a, b = Path({str(tmp_path / 'a')!r}), Path({str(tmp_path / 'b')!r})
-        r = train(LMTask, a, run={run!r}, mesh="data=4,fsdp=2", progress=False)
+        r = train(GPT2Task, a, run={run!r}, mesh="data=4,fsdp=2", progress=False)
         wte = r["state"].params["wte"]["embedding"]
         print("SPEC", wte.sharding.spec, len(wte.addressable_shards))
         shutil.copytree(a, b)
         shutil.rmtree(b / "checkpoints" / "20")
-        r = train(LMTask, b, mesh="fsdp=8", resume=True, progress=False)
+        r = train(GPT2Task, b, mesh="fsdp=8", resume=True, progress=False)
         print("RESUMED", r["records"][0]["step"])
     """)
     proc = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True,
@@ -387,7 +385,7 @@ def test_two_processes_match_one(corpus, reference, tmp_path):
     out, port = tmp_path / "run", free_port()
     flags = cli(corpus, out, "--steps", "20", "--schedule-steps", "40", "--ckpt-every", "10", "--mesh", "data=2",
                 "--coordinator", f"localhost:{port}", "--num-processes", "2")
-    procs = [subprocess.Popen([sys.executable, SCRIPT, *flags, "--process-id", str(i)], env=subprocess_env(),
+    procs = [subprocess.Popen([*COMMAND, *flags, "--process-id", str(i)], env=subprocess_env(),
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
     logs = [p.communicate(timeout=300)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], logs[0][-2000:] + logs[1][-2000:]

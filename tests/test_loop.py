@@ -13,8 +13,9 @@ import pytest
 
 from jaxformer.config import Config, param
 from jaxformer.errors import InputError
-from jaxformer.loop import Task, train
-from jaxformer.training import NonFiniteLoss, TrainConfig
+from jaxformer.train.loop import Task, train
+from jaxformer.train.run import RunConfig
+from jaxformer.train.step import NonFiniteLoss
 
 
 @dataclasses.dataclass(frozen=True)
@@ -23,7 +24,7 @@ class ToyModel(Config):
 
 
 @dataclasses.dataclass(frozen=True)
-class ToyRun(TrainConfig):
+class ToyRun(RunConfig):
     preset: str = param("toy", "preset", choices=("toy",))
     rows: int = param(4, "rows per batch", ge=1)
     nan_at: int | None = param(None, "make the batch of this step NaN")

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from jaxformer.losses import cross_entropy
-from jaxformer.schedules import noam, warmup_cosine
+from jaxformer.nn.losses import cross_entropy
+from jaxformer.train.optim import noam, warmup_cosine
 
 
 def random_case(seed: int, shape: tuple[int, int], vocab: int, scale: float, keep: float):

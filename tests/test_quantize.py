@@ -79,7 +79,7 @@ def test_quantized_checkpoints_save_load_and_convert(hf_dir, tmp_path, capsys):
     import convert_gpt2
     import generate as generate_script
 
-    from jaxformer.tokenizer import GPT2_DIR
+    from jaxformer.gpt2.tokenizer import GPT2_DIR
     path, model = hf_dir("tiny")
     assert convert_gpt2.main([str(path), str(tmp_path / "q8"), "--quantize", "int8", "--tokenizer", str(GPT2_DIR)]) == 0
     assert "int8 weights" in capsys.readouterr().out
@@ -106,9 +106,9 @@ def test_training_refuses_low_precision_weights(hf_dir, tmp_path):
     path, _ = hf_dir("tiny")
     config, params, _ = load_pretrained(path, weights="bfloat16")
     save_pretrained(tmp_path / "bf16", config, params)
-    from jaxformer.gpt2.train import LMTask
-    from jaxformer.loop import train
+    from jaxformer.gpt2.train import GPT2Task
+    from jaxformer.train.loop import train
     (tmp_path / "c.txt").write_text("a b c d e f g " * 200)
     with pytest.raises(InputError, match="weights are bfloat16 \\(for decoding\\); training needs float"):
-        train(LMTask, tmp_path / "run", run=dict(data=(str(tmp_path / "c.txt"),), init=str(tmp_path / "bf16"),
+        train(GPT2Task, tmp_path / "run", run=dict(data=(str(tmp_path / "c.txt"),), init=str(tmp_path / "bf16"),
                                                   steps=1, tokenizer="bpe:300"), progress=False)

@@ -1,6 +1,6 @@
 """The server as clients use it: the official ``openai`` package (plain, streamed, n, stop, seeds,
 errors), many simultaneous streams, a full queue, disconnects, translations, and the web page in
-headless Chromium. Outputs are checked against ``generate()`` and ``TranslatorModel.translate``."""
+headless Chromium. Outputs are checked against ``generate()`` and ``TranslationPipeline.translate``."""
 
 import concurrent.futures
 import json
@@ -18,8 +18,8 @@ import pytest
 
 from jaxformer.gpt2.generate import generate
 from jaxformer.gpt2.pretrained import load_pretrained
-from jaxformer.tokenizer import GPT2Tokenizer
-from jaxformer.translator.decode import TranslatorModel
+from jaxformer.gpt2.tokenizer import GPT2Tokenizer
+from jaxformer.translator.translate import TranslationPipeline
 
 pytestmark = pytest.mark.slow  # the whole module: end-to-end runs
 
@@ -41,11 +41,11 @@ def get(url: str):
 
 @pytest.fixture(scope="module")
 def server(hf_dir, translator_dir, tmp_path_factory):
-    """``scripts/serve.py`` in a subprocess: a small full-vocabulary GPT-2 and a tiny translator."""
+    """``jaxformer serve`` in a subprocess: a small full-vocabulary GPT-2 and a tiny translator."""
     path, _ = hf_dir("small")
     port = free_port()
     log = tmp_path_factory.mktemp("serve") / "serve.log"
-    cmd = [sys.executable, str(ROOT / "scripts" / "serve.py"), "--gpt2", str(path), "--translator", str(translator_dir),
+    cmd = [sys.executable, "-m", "jaxformer", "serve", "--gpt2", str(path), "--translator", str(translator_dir),
            "--port", str(port), "--slots", str(SLOTS), "--max-queue", str(MAX_QUEUE)]
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONPATH": str(ROOT)})
@@ -266,7 +266,7 @@ def test_translations_equal_translate(server):
     req = urllib.request.Request(server["url"] + "/v1/translations", body, {"Content-Type": "application/json"})
     with urllib.request.build_opener(urllib.request.ProxyHandler({})).open(req, timeout=120) as r:
         got = json.load(r)["translations"]
-    assert got == TranslatorModel.load(server["translator_dir"]).translate(["Hello world.", "", "Bonjour."], beam_size=2)
+    assert got == TranslationPipeline.load(server["translator_dir"]).translate(["Hello world.", "", "Bonjour."], beam_size=2)
 
 
 def test_page_in_headless_chromium(server, tmp_path):

@@ -7,7 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from jax.sharding import PartitionSpec as P
 
-from jaxformer import sharding as sh
+from jaxformer.train import sharding as sh
 
 
 def test_parse_mesh():

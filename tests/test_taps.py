@@ -1,4 +1,4 @@
-"""Capture and intervention (jaxformer.taps) against independent references: Hugging Face's
+"""Capture and intervention (jaxformer.nn.taps) against independent references: Hugging Face's
 ``output_hidden_states`` / ``output_attentions`` and forward hooks for GPT-2, the PyTorch twin
 (``torch.nn.Transformer``) with hooks for the translator."""
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from jaxformer import taps
+from jaxformer.nn import taps
 from jaxformer.errors import InputError
 from jaxformer.gpt2.generate import generate
 from jaxformer.gpt2.model import GPT2
@@ -255,9 +255,9 @@ def test_translation_with_edits_equals_the_edited_greedy_loop(translator_dir):
     import math
 
     from jaxformer.translator import tokenizer as tk
-    from jaxformer.translator.decode import MAX_OUT_EXTRA, MAX_OUT_RATIO, TranslatorModel, output_len, source_lengths
+    from jaxformer.translator.translate import MAX_OUT_EXTRA, MAX_OUT_RATIO, TranslationPipeline, output_len, source_lengths
 
-    model = TranslatorModel.load(translator_dir)
+    model = TranslationPipeline.load(translator_dir)
     cfg = model.cfg
     edits = taps.ablate_heads(cfg.dec_layers, cfg.n_heads, [(0, 1), (1, 0)], site="dec/cross_attn/z")
     got = model.translate(["Hello world."], beam_size=1, edits=edits)[0]
@@ -278,10 +278,10 @@ def test_translation_with_edits_equals_the_edited_greedy_loop(translator_dir):
 
 @pytest.mark.slow
 def test_capture_script_matches_hf(hf_dir, capsys, tmp_path):
-    """scripts/capture.py on a Hugging Face directory, with and without an ablated head."""
+    """``jaxformer capture`` on a Hugging Face directory, with and without an ablated head."""
     import capture
 
-    from jaxformer.tokenizer import GPT2_DIR, GPT2Tokenizer
+    from jaxformer.gpt2.tokenizer import GPT2_DIR, GPT2Tokenizer
     path, model = hf_dir("tiny")
     prompt = "a b c d e"  # GPT-2 ids below the tiny model's 1000-token vocabulary
     ids = np.asarray([GPT2Tokenizer.gpt2().encode(prompt)])
@@ -306,7 +306,7 @@ def test_attention_map_and_induction_scripts_write_pictures(hf_dir, translator_d
     import attention_map
     import induction_heads
 
-    from jaxformer.tokenizer import GPT2_DIR
+    from jaxformer.gpt2.tokenizer import GPT2_DIR
     path, _ = hf_dir("tiny")
     assert attention_map.main(["--model", str(translator_dir), "--text", "Hello world.", "--out", str(tmp_path / "t")]) == 0
     assert sorted(p.name for p in (tmp_path / "t").iterdir()) == ["cross_layer0.png", "cross_layer1.png",
@@ -328,7 +328,7 @@ def test_attention_map_and_induction_scripts_write_pictures(hf_dir, translator_d
 @pytest.mark.slow
 def test_logit_lens_ends_at_the_model_output_and_figures_draw(tmp_path):
     """The lens's last row is the model's own prediction; the figures write readable PNGs."""
-    from jaxformer import figures
+    from jaxformer import plots
     from jaxformer.gpt2.config import preset
     from jaxformer.gpt2.inspect import hf_outputs, logit_lens
     from jaxformer.gpt2.model import init_params
@@ -346,8 +346,8 @@ def test_logit_lens_ends_at_the_model_output_and_figures_draw(tmp_path):
     got = hf_outputs(params, tokens, config=config)
     np.testing.assert_allclose(got["logits"], logits, atol=1e-5)
     words = [f"tok{i}" for i in range(9)]
-    figures.attention_grid(tmp_path / "a.png", np.asarray(got["attentions"][0, 0]), words, words, "layer 0")
-    figures.layer_averages(tmp_path / "b.png", np.asarray(got["attentions"][:, 0]), words, words, "all")
-    figures.logit_lens(tmp_path / "c.png", words, [[f"t{j}" for j in r] for r in np.asarray(top[:, 0])],
+    plots.attention_grid(tmp_path / "a.png", np.asarray(got["attentions"][0, 0]), words, words, "layer 0")
+    plots.layer_averages(tmp_path / "b.png", np.asarray(got["attentions"][:, 0]), words, words, "all")
+    plots.logit_lens(tmp_path / "c.png", words, [[f"t{j}" for j in r] for r in np.asarray(top[:, 0])],
                        np.asarray(prob[:, 0]), "lens")
     assert all((tmp_path / f"{n}.png").read_bytes()[:4] == b"\x89PNG" for n in "abc")

@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from tiktoken.load import load_tiktoken_bpe
 
-from jaxformer.tokenizer import GPT2Tokenizer
+from jaxformer.gpt2.tokenizer import GPT2Tokenizer
 
 SAMPLES = [
     "Hello world", " leading space", "trailing  spaces   ", "tabs\tand\nnewlines\r\n\n",

@@ -6,8 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxformer.checkpoint import Checkpoints
-from jaxformer.training import TrainState, make_train_step
+from jaxformer.train.checkpoints import Checkpoints
+from jaxformer.train.step import TrainState, make_train_step
 
 
 def loss_fn(params, batch, key):

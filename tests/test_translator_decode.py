@@ -7,15 +7,15 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxformer.decode import beam_search
+from jaxformer.nn.decoding import beam_search
 from jaxformer.translator import tokenizer as tk
 from jaxformer.translator.batching import pad_sources
 from jaxformer.translator.config import preset
-from jaxformer.translator.decode import (
+from jaxformer.translator.translate import (
     LENGTH_ALPHA,
     MAX_OUT_EXTRA,
     MAX_OUT_RATIO,
-    TranslatorModel,
+    TranslationPipeline,
     make_search,
     output_len,
 )
@@ -92,7 +92,7 @@ def test_beam_one_equals_greedy(params):
 @pytest.mark.slow
 @pytest.mark.parametrize("beam", [1, 4])
 def test_batch_equals_sentences_one_by_one(params, tokenizer, beam):
-    model = TranslatorModel(CFG, params, tokenizer, batch_size=8)
+    model = TranslationPipeline(CFG, params, tokenizer, batch_size=8)
     sentences = ["I like cheese.", "Where is the cat?", "cheese", "I like the cat. Where is the cheese?",
                  "Où est le chat ?", "I", "the cat, the cheese and I", "like"]
     batch = model.translate(sentences, beam_size=beam)
@@ -102,7 +102,7 @@ def test_batch_equals_sentences_one_by_one(params, tokenizer, beam):
 
 @pytest.mark.slow
 def test_translate_keeps_order_empty_lines_and_truncates(params, tokenizer):
-    model = TranslatorModel(CFG, params, tokenizer, batch_size=4)
+    model = TranslationPipeline(CFG, params, tokenizer, batch_size=4)
     long = " ".join(["cheese"] * 60)
     sentences = ["I like cheese.", "", "   ", long, "Where is the cat?"]
     with warnings.catch_warnings(record=True) as caught:

@@ -15,12 +15,12 @@ import pytest
 import sacrebleu
 from sigterm import sigterm_after_logging
 
-from jaxformer.checkpoint import Checkpoints, restore_pytree
+from jaxformer.train.checkpoints import Checkpoints, restore_pytree
 from jaxformer.errors import InputError
-from jaxformer.loop import train
+from jaxformer.train.loop import train
 from jaxformer.translator.config import TranslatorConfig, preset
-from jaxformer.translator.decode import TranslatorModel
-from jaxformer.translator.train import TranslationTask
+from jaxformer.translator.translate import TranslationPipeline
+from jaxformer.translator.train import TranslatorTask
 
 pytestmark = pytest.mark.slow  # the whole module: end-to-end runs
 
@@ -45,7 +45,7 @@ def run_cfg(fra_txt, **kw) -> dict:
 def trained(fra_txt, tmp_path_factory):
     """A run of 16 steps without interruption."""
     out = tmp_path_factory.mktemp("full")
-    result = train(TranslationTask, out, run=run_cfg(fra_txt, steps=16), progress=False)
+    result = train(TranslatorTask, out, run=run_cfg(fra_txt, steps=16), progress=False)
     return out, jax.device_get(result["state"])
 
 
@@ -55,8 +55,8 @@ def records(out: Path) -> list[dict]:
 
 def test_resume_reproduces_the_uninterrupted_run(fra_txt, trained, tmp_path):
     full_dir, full = trained
-    train(TranslationTask, tmp_path, run=run_cfg(fra_txt, steps=6), progress=False)  # stopped off the log grid
-    state = train(TranslationTask, tmp_path, run=dict(steps=16), resume=True, progress=False)["state"]
+    train(TranslatorTask, tmp_path, run=run_cfg(fra_txt, steps=6), progress=False)  # stopped off the log grid
+    state = train(TranslatorTask, tmp_path, run=dict(steps=16), resume=True, progress=False)["state"]
     assert int(state.step) == 16
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.params), full.params)
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.opt_state), full.opt_state)
@@ -92,18 +92,18 @@ def test_translate_and_eval_scripts(trained, tmp_path):
     out, _ = trained
     lines = ["I like cheese.", "", "Où ?", " ".join(["word"] * 80), "Good morning!"]
     (tmp_path / "in.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    run = lambda *a: subprocess.run([sys.executable, *a], cwd=ROOT, capture_output=True, text=True,  # noqa: E731
+    run = lambda *a: subprocess.run([sys.executable, "-m", "jaxformer", *a], cwd=ROOT, capture_output=True, text=True,  # noqa: E731
                                     check=True)
-    r = run("scripts/translate.py", "--model", str(out), "--beam", "2", "--input", str(tmp_path / "in.txt"),
+    r = run("translate", "--model", str(out), "--beam", "2", "--input", str(tmp_path / "in.txt"),
             "--output", str(tmp_path / "out.txt"))
     got = (tmp_path / "out.txt").read_text(encoding="utf-8").split("\n")
     assert len(got) == len(lines) + 1 and got[1] == "" and got[-1] == ""
     assert "warning: sentence 4 has" in r.stderr
-    r = run("scripts/translate.py", "--model", str(out), "I like cheese.", "Good morning!")
+    r = run("translate", "--model", str(out), "I like cheese.", "Good morning!")
     assert len(r.stdout.splitlines()) == 2
 
     src, ref = out / "data" / "test.en", out / "data" / "test.fr"
-    r = run("scripts/eval_translator.py", "--model", str(out), "--src", str(src), "--ref", str(ref),
+    r = run("eval", "translator", "--model", str(out), "--src", str(src), "--ref", str(ref),
             "--hyp", str(tmp_path / "hyp.txt"))
     hyp = (tmp_path / "hyp.txt").read_text(encoding="utf-8").splitlines()
     refs = [ref.read_text(encoding="utf-8").splitlines()]
@@ -113,7 +113,7 @@ def test_translate_and_eval_scripts(trained, tmp_path):
 
 def test_refuses_to_overwrite_a_run_without_resume(fra_txt, trained):
     with pytest.raises(InputError, match="already holds a run: pass --resume"):
-        train(TranslationTask, trained[0], run=run_cfg(fra_txt, steps=16), progress=False)
+        train(TranslatorTask, trained[0], run=run_cfg(fra_txt, steps=16), progress=False)
 
 
 def losses(out: Path) -> dict[int, tuple]:
@@ -125,10 +125,10 @@ def test_mesh_data4_fsdp2_matches_one_device(trained, fra_txt, tmp_path):
     validation losses as the 1-device run within 1e-5 over 16 steps."""
     child = textwrap.dedent(f"""
         import jax
-        from jaxformer.loop import train
-        from jaxformer.translator.train import TranslationTask
+        from jaxformer.train.loop import train
+        from jaxformer.translator.train import TranslatorTask
         assert jax.device_count() == 8
-        r = train(TranslationTask, {str(tmp_path)!r}, run={run_cfg(fra_txt, steps=16)!r}, progress=False,
+        r = train(TranslatorTask, {str(tmp_path)!r}, run={run_cfg(fra_txt, steps=16)!r}, progress=False,
                   mesh="data=4,fsdp=2")
         emb = r["state"].params["embed"]["embedding"]
         print("SPEC", emb.sharding.spec, len(emb.addressable_shards))
@@ -138,7 +138,7 @@ def test_mesh_data4_fsdp2_matches_one_device(trained, fra_txt, tmp_path):
                                "XLA_FLAGS": "--xla_force_host_platform_device_count=8"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "SPEC P('fsdp', None) 8" in proc.stdout  # embedding [300, 32]: the vocabulary split over fsdp
-    assert len(TranslatorModel.load(tmp_path).translate(["Hello!"], beam_size=1)) == 1
+    assert len(TranslationPipeline.load(tmp_path).translate(["Hello!"], beam_size=1)) == 1
     got, want = records(tmp_path), records(trained[0])
     assert [(r["step"], "loss" in r) for r in got] == [(r["step"], "loss" in r) for r in want]
     for g, w in zip(got, want):
@@ -148,7 +148,7 @@ def test_mesh_data4_fsdp2_matches_one_device(trained, fra_txt, tmp_path):
 
 def test_sigterm_checkpoints_exits_zero_and_resumes(fra_txt, tmp_path):
     out = tmp_path / "run"
-    cmd = [sys.executable, "scripts/train_translator.py", "--data", str(fra_txt), "--out", str(out),
+    cmd = [sys.executable, "-m", "jaxformer", "train", "translator", "--data", str(fra_txt), "--out", str(out),
            "--preset", "tiny", "--steps", "100000", "--set", "log_every=1", "--set", "eval_every=100000",
            "--no-progress"]
     step, _ = sigterm_after_logging(cmd, out, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
@@ -166,6 +166,6 @@ def test_damaged_best_falls_back_to_the_newest_checkpoint(trained, tmp_path, rec
     shutil.copytree(trained[0], out)
     victim = max((out / "best").rglob("*"), key=lambda p: p.stat().st_size if p.is_file() else 0)
     victim.write_bytes(victim.read_bytes()[:100])
-    model = TranslatorModel.load(out)
+    model = TranslationPipeline.load(out)
     assert any(f"{victim} has 100 bytes" in str(w.message) for w in recwarn)
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(model.params), trained[1].params)

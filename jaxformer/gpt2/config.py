@@ -5,7 +5,7 @@ from pathlib import Path
 
 import jax.numpy as jnp
 
-from jaxformer.activations import ACTIVATIONS
+from jaxformer.nn.activations import ACTIVATIONS
 from jaxformer.config import Config, param, read_json
 from jaxformer.errors import InputError
 

@@ -16,16 +16,17 @@ from pathlib import Path
 import numpy as np
 from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers, trainers
 
-from jaxformer import datasets
+from jaxformer.data import datasets
 from jaxformer.errors import InputError
-from jaxformer.textfile import read_text
-from jaxformer.tokenizer import EOS, GPT2Tokenizer, train_bpe
+from jaxformer.data.textfile import read_text
+from jaxformer.data.bpe import train_bpe
+from jaxformer.gpt2.tokenizer import EOS, GPT2Tokenizer
 
 UNK = "<unk>"
 
 
 def resolve_paths(data) -> list[Path]:
-    """Files for ``data`` entries: paths, or data set names (``tinyshakespeare``, see :mod:`jaxformer.datasets`)."""
+    """Files for ``data`` entries: paths, or data set names (``tinyshakespeare``, see :mod:`jaxformer.data.datasets`)."""
     return [datasets.locate(d) if d in datasets.DATASETS else datasets.locate(d, d) for d in data]
 
 

@@ -12,9 +12,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxformer import taps
-from jaxformer.attention import KVCache
-from jaxformer.decode import decode_loop, greedy_or_sample
+from jaxformer.nn import taps
+from jaxformer.nn.attention import KVCache
+from jaxformer.nn.decoding import decode_loop, greedy_or_sample
 from jaxformer.errors import InputError
 from jaxformer.gpt2.config import GPT2Config
 from jaxformer.gpt2.model import GPT2
@@ -92,7 +92,7 @@ def generate(params, config: GPT2Config, prompts: list[list[int]], *, max_new_to
     Greedy when ``greedy``, else sampling with temperature, top-k (0 = off) and top-p (1 = off),
     combinable. Row ``i`` draws from ``fold_in(key(seed), i)``, so its samples do not depend on the
     other prompts in the batch. ``edits``: interventions applied at every step, prefill and
-    decoding (:mod:`jaxformer.taps`: an ablated head, a steering vector; edits must broadcast over
+    decoding (:mod:`jaxformer.nn.taps`: an ablated head, a steering vector; edits must broadcast over
     the batch and time, e.g. ``[L, D]`` or ``[L, H, 1]`` per layer).
     """
     validate(config, prompts, max_new_tokens, greedy, temperature, top_k, top_p)

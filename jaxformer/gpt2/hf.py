@@ -193,7 +193,7 @@ def save_hf(dst: str | Path, config: GPT2Config, params, tokenizer_dir: str | Pa
     """Writes config.json + model.safetensors (+ tokenizer files) that ``from_pretrained`` loads."""
     from safetensors.numpy import save_file
 
-    from jaxformer.tokenizer import copy_tokenizer_files
+    from jaxformer.gpt2.tokenizer import copy_tokenizer_files
 
     dst = Path(dst)
     dst.mkdir(parents=True, exist_ok=True)

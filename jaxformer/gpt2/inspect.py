@@ -1,12 +1,12 @@
 """GPT-2 seen from inside, in Hugging Face's conventions: hidden states, attention maps, the logit
-lens (:mod:`jaxformer.taps` underneath)."""
+lens (:mod:`jaxformer.nn.taps` underneath)."""
 
 import functools
 
 import jax
 import jax.numpy as jnp
 
-from jaxformer import taps
+from jaxformer.nn import taps
 from jaxformer.gpt2.config import GPT2Config
 from jaxformer.gpt2.model import GPT2
 

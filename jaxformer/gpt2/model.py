@@ -9,9 +9,9 @@ Params (``L`` = n_layer, stacked by ``nn.scan`` so compile time does not grow wi
 
 With ``config.scan_layers=False`` the same block params sit unstacked under ``h_0 .. h_{L-1}``
 (:func:`unstack_layers` / :func:`stack_layers` convert). The KV cache is a
-:class:`~jaxformer.attention.KVCache` with leaves ``[L, batch, heads, max_len, head_dim]``.
+:class:`~jaxformer.nn.attention.KVCache` with leaves ``[L, batch, heads, max_len, head_dim]``.
 
-Taps (:mod:`jaxformer.taps`; captured and edited by name, layers stacked, shapes per layer)::
+Taps (:mod:`jaxformer.nn.taps`; captured and edited by name, layers stacked, shapes per layer)::
 
     embed, pos_embed [b, t, D]   ln_final [b, t, D] (after ln_f; with last_only or at, one position)
     h/resid_pre, h/resid_mid, h/resid_post, h/attn_out, h/mlp_out [b, t, D]    h/mlp/post [b, t, F]
@@ -29,11 +29,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxformer.activations import activation
-from jaxformer.attention import KVCache, causal_mask, dot_product_attention
+from jaxformer.nn.activations import activation
+from jaxformer.nn.attention import KVCache, causal_mask, dot_product_attention
 from jaxformer.gpt2.config import GPT2Config
 from jaxformer.gpt2.quantize import LowPrecisionDense, LowPrecisionEmbed
-from jaxformer.taps import CAPTURE, EDITS, tap, tapped
+from jaxformer.nn.taps import CAPTURE, EDITS, tap, tapped
 
 
 def _dense(cfg: GPT2Config, features: int, name: str, std: float | None = None):

@@ -2,7 +2,7 @@
 
 A jaxformer checkpoint directory holds ``config.json`` (:class:`GPT2Config`), ``params/`` (Orbax,
 sealed) and the tokenizer files. :func:`load_pretrained` also takes a GPT-2 training run directory
-(``scripts/train_gpt2.py --out``: its best params, else its newest intact checkpoint's), a Hugging
+(``jaxformer/commands/train_gpt2.py --out``: its best params, else its newest intact checkpoint's), a Hugging
 Face directory or a hub id (converted on the fly).
 """
 
@@ -11,12 +11,12 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
-from jaxformer.checkpoint import load_run_params, restore_pytree, save_pytree
+from jaxformer.train.checkpoints import load_run_params, restore_pytree, save_pytree
 from jaxformer.gpt2 import hf
 from jaxformer.gpt2.config import GPT2Config
 from jaxformer.gpt2.model import init_params, stack_layers, unstack_layers
 from jaxformer.gpt2.quantize import to_decoding, to_float
-from jaxformer.tokenizer import GPT2Tokenizer, copy_tokenizer_files, has_tokenizer
+from jaxformer.gpt2.tokenizer import GPT2Tokenizer, copy_tokenizer_files, has_tokenizer
 
 
 def is_jaxformer_checkpoint(path: str | Path) -> bool:

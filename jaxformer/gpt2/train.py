@@ -1,4 +1,4 @@
-"""GPT-2 pretraining and fine-tuning: the language-modelling task of the shared loop (:mod:`jaxformer.loop`).
+"""GPT-2 pretraining and fine-tuning: the language-modelling task of the shared loop (:mod:`jaxformer.train.loop`).
 
 The task brings the data (packed token windows, :mod:`jaxformer.gpt2.data`), the next-token loss,
 and its evaluation (validation perplexity and a sample); "best" is the lowest validation loss.
@@ -17,21 +17,22 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxformer.config import param
-from jaxformer.distributed import on_first_process
+from jaxformer.train.distributed import on_first_process
 from jaxformer.errors import InputError
-from jaxformer.flops import gpt2_flops_per_token
+from jaxformer.train.flops import gpt2_flops_per_token
 from jaxformer.gpt2 import data as gdata
 from jaxformer.gpt2.config import PRESETS, GPT2Config, preset
 from jaxformer.gpt2.generate import generate
 from jaxformer.gpt2.model import GPT2, init_params
-from jaxformer.loop import Task
-from jaxformer.losses import cross_entropy
-from jaxformer.tokenizer import GPT2Tokenizer
-from jaxformer.training import LossFn, TrainConfig
+from jaxformer.train.loop import Task
+from jaxformer.nn.losses import cross_entropy
+from jaxformer.gpt2.tokenizer import GPT2Tokenizer
+from jaxformer.train.run import RunConfig
+from jaxformer.train.step import LossFn
 
 
 @dataclasses.dataclass(frozen=True)
-class LMTrainConfig(TrainConfig):
+class GPT2RunConfig(RunConfig):
     """GPT-2 run settings (``run.json``); the architecture is the preset's, or ``--init``'s."""
 
     preset: str = param("tiny", "architecture preset", choices=tuple(PRESETS))
@@ -68,18 +69,18 @@ def make_loss_fn(config: GPT2Config, deterministic: bool = False) -> LossFn:
     return loss_fn
 
 
-class LMTask(Task):
+class GPT2Task(Task):
     """GPT-2 on a text corpus: see the module docstring."""
 
     name = "gpt2"
-    run_config = LMTrainConfig
+    run_config = GPT2RunConfig
     model_config = GPT2Config
     presets = {name: (fields, {}) for name, fields in PRESETS.items()}
     best_metric, higher_is_better = "val_loss", False
     plot_panels = [dict(title="GPT-2 training loss", ylabel="cross-entropy per token",
                         series=[("train", "loss", "-"), ("validation", "val_loss", "o-")])]
 
-    def __init__(self, cfg: LMTrainConfig, out: Path, config: GPT2Config | None, model_overrides: dict,
+    def __init__(self, cfg: GPT2RunConfig, out: Path, config: GPT2Config | None, model_overrides: dict,
                  batch_shards: int = 1):
         self.cfg, self.out = cfg, out
         if cfg.export_hf and Path(cfg.export_hf).exists() and any(Path(cfg.export_hf).iterdir()):

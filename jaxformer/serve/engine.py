@@ -3,7 +3,7 @@
 A request joins when a slot is free: its prompt is prefilled (one jitted forward pass over the
 prompt, padded to a power of two) into that slot's part of the KV cache, and its first token is
 picked. Then every step feeds each active slot's last token at that slot's own position
-(:class:`~jaxformer.attention.KVCache` writes row ``r`` at ``index[r]``) and picks the next tokens
+(:class:`~jaxformer.nn.attention.KVCache` writes row ``r`` at ``index[r]``) and picks the next tokens
 for all slots at once. A sequence leaves at EOS, a stop sequence, its token limit, the context's
 end or a cancel, and its slot is taken by the next queued request at the next step.
 
@@ -13,7 +13,7 @@ attends over what is used, not over ``n_positions``; prompts are padded to power
 shape is compiled at start-up (``warmup``); :func:`compilations` counts the process's
 compilations (``/health`` shows it), which stay put while serving.
 
-Sampling is :func:`jaxformer.decode.sample_logits` with each slot's own temperature, top-k, top-p
+Sampling is :func:`jaxformer.nn.decoding.sample_logits` with each slot's own temperature, top-k, top-p
 and key, all traced. Sequence ``j`` of a request with seed ``s`` draws step ``i`` from
 ``fold_in(fold_in(key(s), j), i)``, as ``generate(..., seed=s)`` does for row ``j``, so a request
 gives what ``generate`` gives for the same prompt and settings.
@@ -32,8 +32,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxformer.attention import KVCache
-from jaxformer.decode import sample_logits
+from jaxformer.nn.attention import KVCache
+from jaxformer.nn.decoding import sample_logits
 from jaxformer.errors import InputError
 from jaxformer.gpt2.config import GPT2Config
 from jaxformer.gpt2.model import GPT2

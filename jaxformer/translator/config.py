@@ -1,7 +1,7 @@
 """The translator's architecture config (``config.json``) and its presets.
 
 The run settings (data, optimizer, schedule, batching, cadence) are the run config,
-:class:`jaxformer.translator.train.TranslationTrainConfig`. A preset names both halves: ``book``
+:class:`jaxformer.translator.train.TranslatorRunConfig`. A preset names both halves: ``book``
 reproduces the book's setup (with the fixes the issue asked for: an activation in the feed-forward
 layer, subwords, case and accents kept), ``default`` is the configuration chosen by measurement
 for a 30-minute run on a 2-core CPU, ``tiny`` is for tests.
@@ -9,7 +9,7 @@ for a 30-minute run on a 2-core CPU, ``tiny`` is for tests.
 
 import dataclasses
 
-from jaxformer.activations import ACTIVATIONS
+from jaxformer.nn.activations import ACTIVATIONS
 from jaxformer.config import Config, param
 from jaxformer.errors import InputError
 

@@ -11,7 +11,7 @@ import unicodedata
 import zipfile
 from pathlib import Path
 
-from jaxformer import datasets
+from jaxformer.data import datasets
 from jaxformer.errors import InputError
 
 
@@ -50,7 +50,7 @@ def parse(lines: list[bytes]) -> tuple[list[tuple[str, str]], int]:
 
 
 def load_pairs(path: str | Path | None = None) -> list[tuple[str, str]]:
-    """Reads the pairs of ``path`` (default: the ``fra-eng`` data set, see :mod:`jaxformer.datasets`),
+    """Reads the pairs of ``path`` (default: the ``fra-eng`` data set, see :mod:`jaxformer.data.datasets`),
     reporting skipped malformed lines on stderr."""
     path = datasets.locate("fra-eng", path)
     pairs, bad = parse(_lines(path))

@@ -2,10 +2,10 @@
 
 import numpy as np
 
-from jaxformer import taps
+from jaxformer.nn import taps
 from jaxformer.translator import tokenizer as tk
 from jaxformer.translator.batching import pad_sources
-from jaxformer.translator.decode import LENGTH_ALPHA, TranslatorModel, output_len
+from jaxformer.translator.translate import LENGTH_ALPHA, TranslationPipeline, output_len
 from jaxformer.translator.model import Translator
 
 
@@ -13,7 +13,7 @@ def token_texts(tok, ids) -> list[str]:
     return [tok.decode([int(i)], skip_special_tokens=False) for i in ids]
 
 
-def cross_attention(model: TranslatorModel, sentence: str, beam_size: int = 1):
+def cross_attention(model: TranslationPipeline, sentence: str, beam_size: int = 1):
     """Translates ``sentence`` and returns (source tokens, generated tokens, attention maps
     float32[L, H, T, S]): row ``i`` is where the decoder looked in the source while producing
     generated token ``i`` (teacher-forced on the translation; the last row produced EOS)."""

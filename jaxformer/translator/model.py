@@ -13,7 +13,7 @@ Decoding cache (a dict; every leaf has batch ``b`` first, so beam search can rep
     cross: tuple of KVCache, one per decoder layer, [b, heads, S, head_dim], projected once
     src_valid: bool[b, S]    index: int32[], the slot the next token is written to (shared by all rows)
 
-Taps (:mod:`jaxformer.taps`; by name, layers stacked; ``T`` target, ``S`` source length)::
+Taps (:mod:`jaxformer.nn.taps`; by name, layers stacked; ``T`` target, ``S`` source length)::
 
     enc_tok_embed, enc_pos_embed [b, S, d]   dec_tok_embed, dec_pos_embed [b, T, d] (token embeddings
                                               scaled by sqrt(d); the sinusoidal positions)
@@ -31,14 +31,14 @@ import math
 import flax.linen as nn
 import jax.numpy as jnp
 
-from jaxformer.activations import activation
-from jaxformer.attention import (
+from jaxformer.nn.activations import activation
+from jaxformer.nn.attention import (
     KVCache,
     causal_mask,
     dot_product_attention,
     padding_mask,
 )
-from jaxformer.taps import tap, tapped
+from jaxformer.nn.taps import tap, tapped
 from jaxformer.translator.config import TranslatorConfig
 from jaxformer.translator.tokenizer import PAD_ID
 

@@ -1,4 +1,4 @@
-"""The translator's joint English+French byte-level BPE (:func:`jaxformer.tokenizer.train_bpe`),
+"""The translator's joint English+French byte-level BPE (:func:`jaxformer.data.bpe.train_bpe`),
 saved with the model. One vocabulary for both languages lets the source, target and output
 embeddings be one table; byte-level BPE encodes any text, also characters never seen in training.
 """
@@ -9,7 +9,7 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from jaxformer.errors import InputError
-from jaxformer.tokenizer import train_bpe
+from jaxformer.data.bpe import train_bpe
 
 PAD, BOS, EOS = "<pad>", "<s>", "</s>"
 PAD_ID, BOS_ID, EOS_ID = 0, 1, 2

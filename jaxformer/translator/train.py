@@ -1,4 +1,4 @@
-"""Training the translator: the translation task of the shared loop (:mod:`jaxformer.loop`).
+"""Training the translator: the translation task of the shared loop (:mod:`jaxformer.train.loop`).
 
 The task brings the data (Tatoeba pairs, a joint BPE trained on the training split, token-budget
 batches over a few padded lengths), the label-smoothed loss, and its evaluation (greedy BLEU and
@@ -15,21 +15,22 @@ from pathlib import Path
 import sacrebleu
 
 from jaxformer.config import param
-from jaxformer.distributed import on_first_process
+from jaxformer.train.distributed import on_first_process
 from jaxformer.errors import InputError
-from jaxformer.loop import Task
-from jaxformer.losses import cross_entropy
-from jaxformer.training import LossFn, TrainConfig
+from jaxformer.train.loop import Task
+from jaxformer.nn.losses import cross_entropy
+from jaxformer.train.run import RunConfig
+from jaxformer.train.step import LossFn
 from jaxformer.translator import data as tdata
 from jaxformer.translator import tokenizer as tk
 from jaxformer.translator.batching import Batcher
 from jaxformer.translator.config import PRESETS, TranslatorConfig
-from jaxformer.translator.decode import TranslatorModel
+from jaxformer.translator.translate import TranslationPipeline
 from jaxformer.translator.model import Translator, init_params
 
 
 @dataclasses.dataclass(frozen=True)
-class TranslationTrainConfig(TrainConfig):
+class TranslatorRunConfig(RunConfig):
     """Translator run settings (``run.json``). Give a length: ``steps``, ``epochs`` or ``max_minutes``."""
 
     preset: str = param("default", "architecture and run defaults (book, default, tiny)", choices=tuple(PRESETS))
@@ -67,11 +68,11 @@ def make_loss_fn(cfg: TranslatorConfig, label_smoothing: float, deterministic: b
     return loss_fn
 
 
-class TranslationTask(Task):
+class TranslatorTask(Task):
     """English→French on Tatoeba: see the module docstring."""
 
     name = "translator"
-    run_config = TranslationTrainConfig
+    run_config = TranslatorRunConfig
     model_config = TranslatorConfig
     presets = PRESETS
     best_metric = "bleu"
@@ -81,7 +82,7 @@ class TranslationTask(Task):
         dict(title="validation (greedy)", series=[("BLEU", "bleu", "o-"), ("chrF", "chrf", "s--")]),
     ]
 
-    def __init__(self, cfg: TranslationTrainConfig, out: Path, config: TranslatorConfig | None, model_overrides: dict,
+    def __init__(self, cfg: TranslatorRunConfig, out: Path, config: TranslatorConfig | None, model_overrides: dict,
                  batch_shards: int = 1):
         self.cfg, self.out = cfg, out
         fresh = config is None
@@ -146,7 +147,7 @@ class TranslationTask(Task):
         """Greedy BLEU/chrF (sacrebleu, detokenised text) on ``eval_sentences`` validation pairs."""
         with warnings.catch_warnings():  # sources truncated to max_len: expected, not news
             warnings.simplefilter("ignore")
-            hyps = TranslatorModel(self.config, params, self.tokenizer, batch_size=128).translate(
+            hyps = TranslationPipeline(self.config, params, self.tokenizer, batch_size=128).translate(
                 [p[0] for p in self.bleu_pairs], beam_size=1)
         refs = [[p[1] for p in self.bleu_pairs]]
         return dict(bleu=sacrebleu.corpus_bleu(hyps, refs).score, chrf=sacrebleu.corpus_chrf(hyps, refs).score)

@@ -1,7 +1,7 @@
 """Translate English to French with a trained model.
 
-    python scripts/translate.py --model runs/tr "How are you?" "I like cheese."
-    python scripts/translate.py --model runs/tr --beam 4 --input en.txt --output fr.txt
+    jaxformer translate --model runs/tr "How are you?" "I like cheese."
+    jaxformer translate --model runs/tr --beam 4 --input en.txt --output fr.txt
 
 Files hold one sentence per line (UTF-8; invalid bytes are replaced, with a warning naming the
 line); the output keeps the order and line count, an empty line stays empty, and a line too long
@@ -10,11 +10,11 @@ for the model is truncated with a warning on stderr. --output must not exist (or
 
 import sys
 
-from jaxformer import cli
+from jaxformer.commands import cli
 
 
 def main(argv=None) -> int:
-    ap = cli.parser(__doc__)
+    ap = cli.parser(__doc__, "jaxformer translate")
     ap.add_argument("--model", required=True, help="output directory of train_translator.py")
     ap.add_argument("--beam", type=cli.at_least(1), default=4, help="beam size; 1 = greedy")
     ap.add_argument("--length-alpha", type=cli.number_in(0, 10), default=0.6, help="GNMT length penalty exponent")
@@ -30,13 +30,13 @@ def main(argv=None) -> int:
 
 
 def run(args) -> int:
-    from jaxformer.textfile import read_lines
-    from jaxformer.translator.decode import TranslatorModel
+    from jaxformer.data.textfile import read_lines
+    from jaxformer.translator.translate import TranslationPipeline
 
     if args.output:
         cli.check_output(args.output, args.overwrite)
     sentences = read_lines(args.input) if args.input else args.sentences
-    model = TranslatorModel.load(args.model, batch_size=args.batch_size)
+    model = TranslationPipeline.load(args.model, batch_size=args.batch_size)
     out = model.translate(sentences, beam_size=args.beam, alpha=args.length_alpha)
     text = "".join(line + "\n" for line in out)
     if args.output:
@@ -45,7 +45,3 @@ def run(args) -> int:
     else:
         sys.stdout.write(text)
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -16,7 +16,7 @@ import sys
 import jax
 
 from jaxformer.errors import InputError
-from jaxformer.resumable import any_process
+from jaxformer.train.preemption import any_process
 
 
 def _int(env, name) -> int:

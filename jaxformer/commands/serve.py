@@ -1,6 +1,6 @@
 """Serve GPT-2 and/or the translator over HTTP: OpenAI's completions API, translations, a web page.
 
-    python scripts/serve.py --gpt2 runs/shakespeare --translator runs/tr --port 8000
+    jaxformer serve --gpt2 runs/shakespeare --translator runs/tr --port 8000
     curl -s localhost:8000/v1/completions -H 'Content-Type: application/json' \\
         -d '{"model": "shakespeare", "prompt": "To be", "max_tokens": 20, "temperature": 0}'
 
@@ -13,11 +13,11 @@ are compiled before the server starts listening (/health counts compilations).
 
 import sys
 
-from jaxformer import cli
+from jaxformer.commands import cli
 
 
 def main(argv=None) -> int:
-    ap = cli.parser(__doc__)
+    ap = cli.parser(__doc__, "jaxformer serve")
     ap.add_argument("--gpt2", help="GPT-2 model to serve for /v1/completions")
     ap.add_argument("--translator", help="translator run directory to serve for /v1/translations")
     ap.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
@@ -59,7 +59,7 @@ def serve(args) -> int:
     models = []
     if args.gpt2:
         from jaxformer.gpt2.pretrained import load_pretrained
-        from jaxformer.tokenizer import GPT2Tokenizer
+        from jaxformer.gpt2.tokenizer import GPT2Tokenizer
 
         t0 = time.perf_counter()
         weights = args.quantize or {"float32": "float", "bfloat16": "bfloat16"}.get(args.dtype)
@@ -69,16 +69,12 @@ def serve(args) -> int:
         print(f"GPT-2 {models[-1].name}: {config.n_layer} layers, {args.slots} slots, compiled in "
               f"{time.perf_counter() - t0:.1f} s", file=sys.stderr)
     if args.translator:
-        from jaxformer.translator.decode import TranslatorModel
+        from jaxformer.translator.translate import TranslationPipeline
 
         models.append(Served(model_name(args.translator), "translation",
-                             Translations(TranslatorModel.load(args.translator), args.max_queue)))
+                             Translations(TranslationPipeline.load(args.translator), args.max_queue)))
     names = ", ".join(m.name for m in models)
     print(f"serving {names} on http://{args.host}:{args.port}/ (Ctrl-C stops)", file=sys.stderr, flush=True)
     uvicorn.run(create_app(models), host=args.host, port=args.port,
                 log_level="warning", lifespan="off")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

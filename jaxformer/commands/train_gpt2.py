@@ -1,8 +1,8 @@
 """Train GPT-2 from scratch or fine-tune it, on one device or a mesh of many.
 
-    python scripts/train_gpt2.py --out runs/shakespeare                  # tiny GPT-2 on Tiny Shakespeare
-    python scripts/train_gpt2.py --out runs/shakespeare --resume --steps 2000    # continue, longer
-    python scripts/train_gpt2.py --data corpus.jsonl --out runs/ft --init gpt2 --lr 1e-4 \\
+    jaxformer train gpt2 --out runs/shakespeare                  # tiny GPT-2 on Tiny Shakespeare
+    jaxformer train gpt2 --out runs/shakespeare --resume --steps 2000    # continue, longer
+    jaxformer train gpt2 --data corpus.jsonl --out runs/ft --init gpt2 --lr 1e-4 \\
         --model.dtype bfloat16 --mesh data=4,fsdp=2 --export-hf runs/ft-hf
 
 Every setting is a flag (below) and can also be set by name: --set schedule=constant,
@@ -12,15 +12,9 @@ SIGTERM/SIGINT: the current step finishes, a checkpoint is written, exit status 
 the loss became NaN/Inf (the message names the step); 2: bad input.
 """
 
-import sys
-
-from jaxformer.cli import train_main
-from jaxformer.gpt2.train import LMTask
+from jaxformer.commands.cli import train_main
+from jaxformer.gpt2.train import GPT2Task
 
 
 def main(argv=None) -> int:
-    return train_main(argv, LMTask, __doc__)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    return train_main(argv, GPT2Task, __doc__, "jaxformer train gpt2")

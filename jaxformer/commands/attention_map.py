@@ -1,8 +1,8 @@
 """Attention heatmaps as PNG files: the translator's cross-attention for a sentence (--text), or
 GPT-2's self-attention and its logit lens for a prompt (--prompt).
 
-    python scripts/attention_map.py --model runs/tr --text "I like cheese." --out maps/tr
-    python scripts/attention_map.py --model runs/shakespeare --prompt "To be, or not to be" --out maps/gpt2
+    jaxformer attention-map --model runs/tr --text "I like cheese." --out maps/tr
+    jaxformer attention-map --model runs/shakespeare --prompt "To be, or not to be" --out maps/gpt2
 
 Translator: ``cross_layer<i>.png`` (every head of layer i over the source tokens, rows the generated
 French tokens, and the head average) and ``cross_layers.png`` (each layer's average). GPT-2:
@@ -10,13 +10,11 @@ French tokens, and the head average) and ``cross_layers.png`` (each layer's aver
 and its probability at every layer and position). Tokens are labelled with their text.
 """
 
-import sys
-
-from jaxformer import cli
+from jaxformer.commands import cli
 
 
 def main(argv=None) -> int:
-    ap = cli.parser(__doc__)
+    ap = cli.parser(__doc__, "jaxformer attention-map")
     ap.add_argument("--model", required=True, help="translator run directory (--text) or GPT-2 model (--prompt)")
     which = ap.add_mutually_exclusive_group(required=True)
     which.add_argument("--text", help="an English sentence for the translator")
@@ -31,31 +29,31 @@ def main(argv=None) -> int:
 def run(args) -> int:
     from pathlib import Path
 
-    from jaxformer import figures
+    from jaxformer import plots
     from jaxformer.errors import InputError
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     written = []
     if args.text is not None:
-        from jaxformer.translator.decode import TranslatorModel
+        from jaxformer.translator.translate import TranslationPipeline
         from jaxformer.translator.inspect import cross_attention
 
         if not args.text.strip():
             raise InputError("--text is empty")
-        src, tgt, maps = cross_attention(TranslatorModel.load(args.model), args.text, args.beam)
+        src, tgt, maps = cross_attention(TranslationPipeline.load(args.model), args.text, args.beam)
         print(f"translation: {''.join(tgt[:-1]).strip()}")
         for i, layer in enumerate(maps):
-            written.append(figures.attention_grid(out / f"cross_layer{i}.png", layer, tgt, src,
+            written.append(plots.attention_grid(out / f"cross_layer{i}.png", layer, tgt, src,
                                                   f"cross-attention, decoder layer {i}: {args.text!r}"))
-        written.append(figures.layer_averages(out / "cross_layers.png", maps, tgt, src,
+        written.append(plots.layer_averages(out / "cross_layers.png", maps, tgt, src,
                                               "cross-attention (average of heads) per decoder layer"))
     else:
         import numpy as np
 
         from jaxformer.gpt2.inspect import hf_outputs, logit_lens
         from jaxformer.gpt2.pretrained import load_pretrained
-        from jaxformer.tokenizer import GPT2Tokenizer
+        from jaxformer.gpt2.tokenizer import GPT2Tokenizer
 
         config, params, tok = load_pretrained(args.model, scan_layers=False)
         tok = GPT2Tokenizer.from_dir(args.tokenizer) if args.tokenizer else tok or GPT2Tokenizer.gpt2()
@@ -67,17 +65,13 @@ def run(args) -> int:
         texts = [tok.decode([i]) for i in ids]
         maps = np.asarray(hf_outputs(params, tokens, config=config)["attentions"][:, 0])  # [L, H, t, t]
         for i, layer in enumerate(maps):
-            written.append(figures.attention_grid(out / f"self_layer{i}.png", layer, texts, texts,
+            written.append(plots.attention_grid(out / f"self_layer{i}.png", layer, texts, texts,
                                                   f"self-attention, layer {i}: {args.prompt!r}"))
-        written.append(figures.layer_averages(out / "self_layers.png", maps, texts, texts,
+        written.append(plots.layer_averages(out / "self_layers.png", maps, texts, texts,
                                               "self-attention (average of heads) per layer"))
         top, prob = logit_lens(params, tokens, config=config)
         top_texts = [[tok.decode([int(i)]) for i in row] for row in np.asarray(top[:, 0])]
-        written.append(figures.logit_lens(out / "logit_lens.png", texts, top_texts, np.asarray(prob[:, 0]),
+        written.append(plots.logit_lens(out / "logit_lens.png", texts, top_texts, np.asarray(prob[:, 0]),
                                           f"logit lens: {args.prompt!r}"))
     print(f"wrote {len(written)} PNG files to {out}")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,6 +1,6 @@
 """Find GPT-2's induction and previous-token heads with repeated random tokens, and confirm by ablation.
 
-    python scripts/induction_heads.py --model runs/shakespeare --out maps/heads --json heads.json
+    jaxformer induction-heads --model runs/shakespeare --out maps/heads --json heads.json
 
 Each of ``--batch`` sequences is ``--length`` random tokens followed by the same tokens again (drawn
 from the ``--common`` most frequent tokens of a training run's data, so that the input is not out
@@ -14,13 +14,11 @@ induction heads, the top previous-token heads, and the lowest-scoring heads abla
 ``scores.png``: the two scores as layer x head heatmaps.
 """
 
-import sys
-
-from jaxformer import cli
+from jaxformer.commands import cli
 
 
 def main(argv=None) -> int:
-    ap = cli.parser(__doc__)
+    ap = cli.parser(__doc__, "jaxformer induction-heads")
     ap.add_argument("--model", required=True, help="GPT-2: jaxformer checkpoint or run directory, HF directory")
     ap.add_argument("--length", type=cli.at_least(2), default=50, help="random tokens before the repeat")
     ap.add_argument("--batch", type=cli.at_least(1), default=32, help="sequences")
@@ -41,7 +39,7 @@ def run(args) -> int:
     import jax.numpy as jnp
     import numpy as np
 
-    from jaxformer import taps
+    from jaxformer.nn import taps
     from jaxformer.errors import InputError
     from jaxformer.gpt2.model import GPT2
     from jaxformer.gpt2.pretrained import load_pretrained
@@ -123,7 +121,3 @@ def run(args) -> int:
             ablations=[dict(ablated=name, heads=[f"{a}.{b}" for a, b in heads], loss_first_half=f, loss_second_half=s,
                             loss_text=None if np.isnan(t) else t) for name, heads, f, s, t in rows]), indent=1) + "\n")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,19 +1,18 @@
 """Convert GPT-2 checkpoints between Hugging Face and jaxformer.
 
-    python scripts/convert_gpt2.py SRC DST            # HF dir or hub id -> jaxformer checkpoint dir
-    python scripts/convert_gpt2.py --to-hf SRC DST    # jaxformer checkpoint or run dir -> HF dir
+    jaxformer convert SRC DST            # HF dir or hub id -> jaxformer checkpoint dir
+    jaxformer convert --to-hf SRC DST    # jaxformer checkpoint or run dir -> HF dir
 
 DST must not exist yet, or be empty (--overwrite replaces what it holds).
 """
 
-import sys
 from pathlib import Path
 
-from jaxformer import cli
+from jaxformer.commands import cli
 
 
 def main(argv=None) -> int:
-    ap = cli.parser(__doc__)
+    ap = cli.parser(__doc__, "jaxformer convert")
     ap.add_argument("src", help="HF directory or hub id (or, with --to-hf, a jaxformer checkpoint or run directory)")
     ap.add_argument("dst", help="output directory")
     ap.add_argument("--to-hf", action="store_true", help="convert a jaxformer checkpoint to HF format")
@@ -40,7 +39,7 @@ def convert(args) -> int:
         load_pretrained,
         save_pretrained,
     )
-    from jaxformer.tokenizer import has_tokenizer
+    from jaxformer.gpt2.tokenizer import has_tokenizer
 
     if args.to_hf and not (is_jaxformer_checkpoint(args.src) or is_training_run(args.src)):
         raise InputError(f"{args.src}: not a jaxformer checkpoint (config.json and params/) or training run")
@@ -57,7 +56,3 @@ def convert(args) -> int:
           f"{n:,} parameters, "
           f"n_layer={config.n_layer}, n_embd={config.n_embd}{', tokenizer copied' if tok_src else ', no tokenizer'})")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,19 +1,18 @@
 """BLEU and chrF (sacrebleu) of a trained model on a source file against a reference file.
 
-    python scripts/eval_translator.py --model runs/tr --src runs/tr/data/test.en --ref runs/tr/data/test.fr --beam 4
+    jaxformer eval translator --model runs/tr --src runs/tr/data/test.en --ref runs/tr/data/test.fr --beam 4
 
 train_translator.py writes the held-out split to OUT/data/test.{en,fr}.
 """
 
 import json
-import sys
 import time
 
-from jaxformer import cli
+from jaxformer.commands import cli
 
 
 def main(argv=None) -> int:
-    ap = cli.parser(__doc__)
+    ap = cli.parser(__doc__, "jaxformer eval translator")
     ap.add_argument("--model", required=True)
     ap.add_argument("--src", required=True)
     ap.add_argument("--ref", required=True)
@@ -29,15 +28,15 @@ def run(args) -> int:
     import sacrebleu
 
     from jaxformer.errors import InputError
-    from jaxformer.textfile import read_lines
-    from jaxformer.translator.decode import TranslatorModel
+    from jaxformer.data.textfile import read_lines
+    from jaxformer.translator.translate import TranslationPipeline
 
     src, ref = read_lines(args.src), read_lines(args.ref)
     if len(src) != len(ref):
         raise InputError(f"{args.src} has {len(src)} lines but {args.ref} has {len(ref)}")
     if not src:
         raise InputError(f"{args.src} is empty")
-    model = TranslatorModel.load(args.model, batch_size=args.batch_size)
+    model = TranslationPipeline.load(args.model, batch_size=args.batch_size)
     t0 = time.time()
     hyp = model.translate(src, beam_size=args.beam)
     seconds = time.time() - t0
@@ -55,7 +54,3 @@ def run(args) -> int:
                            seconds=seconds, bleu_signature=str(bleu_metric.get_signature()),
                            chrf_signature=str(chrf_metric.get_signature())), f, indent=1)
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,10 +1,11 @@
-"""The command-line contract every script follows.
+"""The command-line contract every ``jaxformer`` verb (and every ``scripts/bench_*.py``) follows.
 
-* ``main(argv) -> int`` runs the script's body inside one error boundary (:func:`run`): an expected
+* ``main(argv) -> int`` runs the command's body inside one error boundary (:func:`run`): an expected
   failure (:class:`~jaxformer.errors.InputError`, a file that cannot be read or written) prints
   ``error: <message>`` naming the file, key, value or line and exits 2; a run that failed (a NaN
   loss) exits 1; Ctrl-C exits 130. No traceback, unless ``--debug``; a genuine bug keeps its
-  traceback. Warnings print as ``warning: <message>``. Usage errors are argparse's (exit 2).
+  traceback. Warnings print as ``warning: <message>``. Usage errors are argparse's (exit 2). A
+  missing optional extra (FastAPI for ``serve``, torch for ``demo``) names the extra to install.
 * The trainers' flags are derived from their config dataclasses (:func:`add_config_flags`): every
   run-config field is ``--field-name VALUE``, every architecture field ``--model.field-name VALUE``,
   each with its type, help and default, and ``--set FIELD=VALUE`` sets any of them by name.
@@ -27,11 +28,14 @@ from jaxformer.config import field_types, parse_text
 from jaxformer.errors import InputError
 
 EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 1, 2, 130
+# Modules of optional extras (pyproject.toml) -> the extra that installs them.
+EXTRAS = {"torch": "torch", "transformers": "torch", "fastapi": "serve", "uvicorn": "serve"}
 
 
-def parser(doc: str | None) -> argparse.ArgumentParser:
-    """An ArgumentParser showing ``doc`` with its layout, with ``--debug``."""
-    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parser(doc: str | None, prog: str | None = None) -> argparse.ArgumentParser:
+    """An ArgumentParser named ``prog`` (e.g. ``jaxformer generate``) showing ``doc`` with its layout,
+    with ``--debug``."""
+    ap = argparse.ArgumentParser(prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--debug", action="store_true", help="show the traceback of an error")
     return ap
 
@@ -42,7 +46,7 @@ def _show_warning(message, category, filename, lineno, file=None, line=None):
 
 def run(body, debug: bool = False) -> int:
     """Calls ``body() -> int | None`` inside the error boundary; returns the exit status."""
-    from jaxformer.training import NonFiniteLoss
+    from jaxformer.train.step import NonFiniteLoss
 
     logging.getLogger("absl").setLevel(logging.ERROR)  # Orbax's informational warnings
     previous, warnings.showwarning = warnings.showwarning, _show_warning
@@ -54,6 +58,12 @@ def run(body, debug: bool = False) -> int:
         return _fail(e, debug, EXIT_BAD_INPUT)
     except OSError as e:  # a file that cannot be read or written: name it
         return _fail(e, debug, EXIT_BAD_INPUT, f"{e.filename}: {e.strerror}" if e.filename else None)
+    except ModuleNotFoundError as e:
+        extra = EXTRAS.get((e.name or "").partition(".")[0])
+        if extra is None:
+            raise
+        return _fail(e, debug, EXIT_BAD_INPUT, f"this command needs {e.name}, from the optional extra "
+                                               f"{extra}: pip install 'jaxformer[{extra}]'")
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
@@ -169,12 +179,12 @@ def _as_value(v):
     return tuple(x for part in v for x in part) if isinstance(v, list) else v
 
 
-def train_main(argv, task_cls, doc: str) -> int:
-    """The command line of a trainer (``scripts/train_*.py``): flags from the task's run config and
-    architecture config, then :func:`jaxformer.loop.train` inside the error boundary."""
-    from jaxformer import distributed
+def train_main(argv, task_cls, doc: str, prog: str) -> int:
+    """The command line of a trainer (``jaxformer train gpt2|translator``): flags from the task's run config and
+    architecture config, then :func:`jaxformer.train.loop.train` inside the error boundary."""
+    from jaxformer.train import distributed
 
-    ap = parser(doc)
+    ap = parser(doc, prog)
     ap.add_argument("--out", required=True, help="run directory (checkpoints, metrics, plot, tokenizer, data)")
     ap.add_argument("--resume", action="store_true", help="continue the run in --out from its newest checkpoint")
     ap.add_argument("--mesh", help="device mesh, e.g. data=4,fsdp=2 (default: data parallel over all devices)")
@@ -188,7 +198,7 @@ def train_main(argv, task_cls, doc: str) -> int:
     args = ap.parse_args(argv)
 
     def body():
-        from jaxformer.loop import train
+        from jaxformer.train.loop import train
 
         run_set, model_set = overrides(args, task_cls.run_config, task_cls.model_config)
         distributed.initialize(args.coordinator, args.num_processes, args.process_id)

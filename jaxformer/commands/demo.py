@@ -4,19 +4,18 @@ Builds a random-weight GPT-2 with transformers, converts it to jaxformer, checks
 PyTorch, generates with greedy and nucleus sampling, converts back to Hugging Face format and
 reloads it with ``GPT2LMHeadModel.from_pretrained``.
 
-    python scripts/demo.py [--preset gpt2] [--out DIR]
+    jaxformer demo [--preset gpt2] [--out DIR]
 """
 
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-from jaxformer import cli
+from jaxformer.commands import cli
 
 
 def main(argv=None) -> int:
-    ap = cli.parser(__doc__)
+    ap = cli.parser(__doc__, "jaxformer demo")
     ap.add_argument("--preset", default="gpt2", help="GPT-2 size to build with random weights")
     ap.add_argument("--out", help="keep the converted checkpoints here (default: a temporary directory)")
     args = ap.parse_args(argv)
@@ -34,7 +33,7 @@ def demo(args) -> int:
     from jaxformer.gpt2.generate import generate
     from jaxformer.gpt2.model import GPT2
     from jaxformer.gpt2.pretrained import load_pretrained, save_pretrained
-    from jaxformer.tokenizer import GPT2_DIR
+    from jaxformer.gpt2.tokenizer import GPT2_DIR
 
     config = preset(args.preset)
     out = Path(cli.check_output(args.out) if args.out else tempfile.mkdtemp(prefix="jaxformer-demo-"))
@@ -70,7 +69,3 @@ def demo(args) -> int:
     same = all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), back.state_dict().values()))
     print(f"5. converted back to HF at {out / 'hf-back'}; from_pretrained gives identical tensors: {same}")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,5 +1,5 @@
 """What lets a run stop cleanly: a SIGTERM/SIGINT guard that lets the current step finish, and the
-flag exchange that makes all processes stop at the same step (checkpoints: :mod:`jaxformer.checkpoint`).
+flag exchange that makes all processes stop at the same step (checkpoints: :mod:`jaxformer.train.checkpoints`).
 """
 
 import signal

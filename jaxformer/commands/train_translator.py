@@ -1,8 +1,8 @@
 """Train the English→French translator.
 
-    python scripts/train_translator.py --out runs/tr --max-minutes 30
-    python scripts/train_translator.py --out runs/tr --resume --max-minutes 20      # 20 more minutes
-    python scripts/train_translator.py --out runs/book --preset book --epochs 10 --set schedule=cosine
+    jaxformer train translator --out runs/tr --max-minutes 30
+    jaxformer train translator --out runs/tr --resume --max-minutes 20      # 20 more minutes
+    jaxformer train translator --out runs/book --preset book --epochs 10 --set schedule=cosine
 
 Data: --data (fra-eng.zip or the fra.txt in it), else $JAXFORMER_DATA/fra-eng/fra-eng.zip, else
 ~/.cache/jaxformer/fra-eng/fra-eng.zip (downloaded from manythings.org when online).
@@ -14,15 +14,9 @@ SIGTERM/SIGINT: the current step finishes, a checkpoint is written, exit status 
 the loss became NaN/Inf (the message names the step); 2: bad input.
 """
 
-import sys
-
-from jaxformer.cli import train_main
-from jaxformer.translator.train import TranslationTask
+from jaxformer.commands.cli import train_main
+from jaxformer.translator.train import TranslatorTask
 
 
 def main(argv=None) -> int:
-    return train_main(argv, TranslationTask, __doc__)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    return train_main(argv, TranslatorTask, __doc__, "jaxformer train translator")

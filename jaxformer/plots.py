@@ -1,4 +1,5 @@
-"""Pictures of what the models do inside: attention heatmaps and the logit lens (matplotlib, PNG).
+"""Every picture jaxformer draws (matplotlib, PNG, written atomically): training curves, and what
+the models do inside: attention heatmaps and the logit lens.
 
 Tokens are labelled with their text (``repr``-style escapes for newlines and tabs), so a reader
 sees which word attends to which.
@@ -28,13 +29,28 @@ def _panel(tokens: int) -> float:
     return min(8.0, max(3.0, 0.22 * tokens + 1.2))
 
 
-def _save(fig, path: Path) -> Path:
+def _save(fig, path: Path, dpi: int = 110, bbox_inches: str | None = "tight") -> Path:
     path = Path(path)
     tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=110, bbox_inches="tight")
+    fig.savefig(tmp, dpi=dpi, bbox_inches=bbox_inches)
     _plt().close(fig)
     tmp.replace(path)
     return path
+
+
+def curves(path: str | Path, panels: list[dict], records: list[dict]) -> None:
+    """One panel per dict ``{"title", "ylabel", "series": [(label, key, style), ...]}``; each series
+    plots ``record[key]`` against ``record["step"]`` over the records that have ``key``.
+    The PNG is written to a temporary file and renamed into place."""
+    fig, axes = _plt().subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
+    for ax, panel in zip(axes[0], panels):
+        for label, key, style in panel["series"]:
+            rows = [r for r in records if key in r]
+            ax.plot([r["step"] for r in rows], [r[key] for r in rows], style, label=label)
+        ax.set(xlabel="step", ylabel=panel.get("ylabel", ""), title=panel["title"])
+        ax.legend()
+    fig.tight_layout()
+    _save(fig, path, dpi=100, bbox_inches=None)
 
 
 def attention_grid(path, maps, rows: list[str], cols: list[str], title: str) -> Path:

@@ -1,8 +1,8 @@
 """Generate text with GPT-2 from a jaxformer checkpoint or training run, or a Hugging Face
 directory / hub id.
 
-    python scripts/generate.py --model DIR --prompt "Hello" --max-new-tokens 40 --top-p 0.9 --seed 1
-    python scripts/generate.py --model DIR --prompt "A" --prompt "B" --greedy --json
+    jaxformer generate --model DIR --prompt "Hello" --max-new-tokens 40 --top-p 0.9 --seed 1
+    jaxformer generate --model DIR --prompt "A" --prompt "B" --greedy --json
 
 The tokenizer is the model's own files, else --tokenizer DIR, else GPT-2's (shipped with jaxformer).
 """
@@ -11,11 +11,11 @@ import json
 import sys
 import time
 
-from jaxformer import cli
+from jaxformer.commands import cli
 
 
 def main(argv=None) -> int:
-    ap = cli.parser(__doc__)
+    ap = cli.parser(__doc__, "jaxformer generate")
     ap.add_argument("--model", required=True, help="jaxformer checkpoint or run directory, HF directory or hub id")
     ap.add_argument("--prompt", action="append", required=True, help="repeat for a batch")
     ap.add_argument("--max-new-tokens", type=cli.at_least(1), default=50)
@@ -41,7 +41,7 @@ def main(argv=None) -> int:
 def run(args) -> int:
     from jaxformer.gpt2.generate import generate
     from jaxformer.gpt2.pretrained import load_pretrained
-    from jaxformer.tokenizer import GPT2Tokenizer
+    from jaxformer.gpt2.tokenizer import GPT2Tokenizer
 
     weights = args.quantize or {"float32": "float", "bfloat16": "bfloat16"}.get(args.dtype)
     config, params, tok = load_pretrained(args.model, weights=weights, scan_layers=False)
@@ -64,7 +64,3 @@ def run(args) -> int:
         n = sum(map(len, outs))
         print(f"{n} tokens in {seconds:.2f} s (first call includes compilation)", file=sys.stderr)
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

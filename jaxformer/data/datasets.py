@@ -4,7 +4,7 @@ A data set is taken from, in order: an explicit path; ``$JAXFORMER_DATA/<its rel
 user cache ``$XDG_CACHE_HOME/jaxformer/<its relative path>`` (``~/.cache`` by default); else it is
 downloaded into the cache, and offline the error says where to put the file. No other module reads
 data locations from the environment. (The GPT-2 tokenizer ships inside the package:
-:func:`jaxformer.tokenizer.GPT2Tokenizer.gpt2`.)
+:func:`jaxformer.gpt2.tokenizer.GPT2Tokenizer.gpt2`.)
 """
 
 import dataclasses

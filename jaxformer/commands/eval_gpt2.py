@@ -1,8 +1,8 @@
 """Perplexity of a GPT-2 on held-out text, with float32, bfloat16 and int8 weights side by side, and
 how often their greedy tokens agree with float32's.
 
-    python scripts/eval_gpt2.py --model runs/shakespeare --weights float32 bfloat16 int8 --json quality.json
-    python scripts/eval_gpt2.py --model ckpt/gpt2 --data valid.txt --seq-len 1024
+    jaxformer eval gpt2 --model runs/shakespeare --weights float32 bfloat16 int8 --json quality.json
+    jaxformer eval gpt2 --model ckpt/gpt2 --data valid.txt --seq-len 1024
 
 Text: --data (.txt or .jsonl files), else a training run's validation split (MODEL/data/val.npy).
 Perplexity: exp of the mean next-token cross-entropy over non-overlapping windows of --seq-len + 1
@@ -11,15 +11,13 @@ continued greedily for --new-tokens tokens with each kind of weights; the share 
 token equals float32's, up to the first difference (after it, the contexts differ).
 """
 
-import sys
-
-from jaxformer import cli
+from jaxformer.commands import cli
 
 KINDS = {"float32": "float", "bfloat16": "bfloat16", "int8": "int8"}
 
 
 def main(argv=None) -> int:
-    ap = cli.parser(__doc__)
+    ap = cli.parser(__doc__, "jaxformer eval gpt2")
     ap.add_argument("--model", required=True, help="jaxformer checkpoint or training run, HF directory or hub id")
     ap.add_argument("--data", nargs="+", help="text files (default: the run's validation split)")
     ap.add_argument("--weights", nargs="+", default=list(KINDS), choices=list(KINDS))
@@ -47,8 +45,8 @@ def run(args) -> int:
     from jaxformer.gpt2.model import GPT2
     from jaxformer.gpt2.pretrained import load_pretrained
     from jaxformer.gpt2.quantize import to_decoding
-    from jaxformer.losses import cross_entropy
-    from jaxformer.tokenizer import GPT2Tokenizer
+    from jaxformer.nn.losses import cross_entropy
+    from jaxformer.gpt2.tokenizer import GPT2Tokenizer
 
     config, params, tok = load_pretrained(args.model, weights="float", scan_layers=False)
     if args.seq_len > config.n_positions:
@@ -100,7 +98,3 @@ def run(args) -> int:
                                                    prompts=len(prompts), new_tokens=args.new_tokens,
                                                    results=results), indent=1) + "\n")
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,5 +1,5 @@
-"""Byte-level BPE through Hugging Face ``tokenizers``: the GPT-2 tokenizer (shipped with the
-package), and the one BPE trainer both models use for vocabularies learnt from their data."""
+"""GPT-2's byte-level BPE through Hugging Face ``tokenizers`` (shipped with the package, HF layout),
+and tokenizer directories: what a checkpoint carries along."""
 
 import shutil
 from pathlib import Path
@@ -9,9 +9,7 @@ from tokenizers import (
     Tokenizer,
     decoders,
     models,
-    normalizers,
     pre_tokenizers,
-    trainers,
 )
 
 from jaxformer.errors import InputError
@@ -19,23 +17,7 @@ from jaxformer.errors import InputError
 # Files of a HF tokenizer directory, copied along with a model.
 TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json")
 EOS = "<|endoftext|>"
-GPT2_DIR = Path(__file__).parent / "assets" / "gpt2-tokenizer"  # OpenAI's GPT-2 BPE (MIT), HF layout
-
-
-def train_bpe(texts, vocab_size: int, special_tokens: list[str], *, add_prefix_space: bool = False,
-              nfc: bool = False) -> Tokenizer:
-    """A byte-level BPE learnt from ``texts`` (an iterable of strings); ``special_tokens`` take ids
-    0, 1, ... in order. Every byte is in the base alphabet, so any text encodes, also characters
-    never seen in training, and decoding gives it back. ``nfc``: NFC-normalise first."""
-    tok = Tokenizer(models.BPE())
-    if nfc:
-        tok.normalizer = normalizers.NFC()
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=add_prefix_space)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special_tokens, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(texts, trainer)
-    return tok
+GPT2_DIR = Path(__file__).with_name("tokenizer-files")  # OpenAI's GPT-2 BPE (MIT), HF layout
 
 
 class GPT2Tokenizer:

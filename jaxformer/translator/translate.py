@@ -1,4 +1,4 @@
-"""Translating with a trained model: greedy and beam search through :mod:`jaxformer.decode`.
+"""Translating with a trained model: greedy and beam search through :mod:`jaxformer.nn.decoding`.
 
 The encoder runs once per batch (:meth:`Translator.init_cache` also projects the cross-attention
 keys/values of every layer); each decoding step feeds one token per row through the KV cache.
@@ -16,10 +16,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxformer import taps
-from jaxformer.checkpoint import load_run_params
+from jaxformer.nn import taps
+from jaxformer.train.checkpoints import load_run_params
 from jaxformer.config import read_json
-from jaxformer.decode import beam_search, decode_loop, greedy_or_sample
+from jaxformer.nn.decoding import beam_search, decode_loop, greedy_or_sample
 from jaxformer.errors import InputError
 from jaxformer.translator import tokenizer as tk
 from jaxformer.translator.batching import pad_sources
@@ -51,7 +51,7 @@ def make_search(cfg: TranslatorConfig):
     ``alpha`` (the length penalty); the config is closed over (cached per config, so models sharing
     one share the compilations). Row ``i`` may emit ``ceil(ratio * n_i) + extra`` tokens (EOS
     included), ``n_i`` its source length, capped by ``max_len``. Output: tokens, EOS, then PAD.
-    ``edits``: interventions (:mod:`jaxformer.taps`, the model's tree) at every step, or None.
+    ``edits``: interventions (:mod:`jaxformer.nn.taps`, the model's tree) at every step, or None.
     """
     model = Translator(cfg)
 
@@ -76,7 +76,7 @@ def make_search(cfg: TranslatorConfig):
     return search
 
 
-class TranslatorModel:
+class TranslationPipeline:
     """A trained model ready to translate: config, params and tokenizer (see :meth:`load`)."""
 
     def __init__(self, cfg: TranslatorConfig, params, tokenizer, batch_size: int = 64):
@@ -86,7 +86,7 @@ class TranslatorModel:
         self.search = make_search(cfg)
 
     @classmethod
-    def load(cls, directory: str | Path, **kw) -> "TranslatorModel":
+    def load(cls, directory: str | Path, **kw) -> "TranslationPipeline":
         """Reads ``config.json``, ``tokenizer.json`` and the ``best`` params (else those of the newest
         intact checkpoint) from a training run directory."""
         d = Path(directory)
@@ -103,7 +103,7 @@ class TranslatorModel:
         """Translations in input order, by beam search (``beam_size`` 1 is greedy; ``alpha``: the
         GNMT length penalty exponent). Empty (or blank) sentences give "", sources longer than the
         model's ``max_len`` are truncated with a warning. ``edits``: interventions at every
-        decoding step (:mod:`jaxformer.taps`; they must broadcast over rows and positions)."""
+        decoding step (:mod:`jaxformer.nn.taps`; they must broadcast over rows and positions)."""
         if beam_size < 1:
             raise InputError(f"beam size {beam_size}: must be >= 1")
         tree = None

@@ -1,4 +1,4 @@
-"""The one training loop both trainers run (``scripts/train_gpt2.py``, ``scripts/train_translator.py``).
+"""The one training loop both trainers run (``jaxformer/commands/train_gpt2.py``, ``jaxformer/commands/train_translator.py``).
 
 A model plugs in as a :class:`Task`: its data (the batch of a step, a pure function of the seed
 and the step), its loss, its evaluation and what "best" means. The loop owns everything else:
@@ -16,7 +16,7 @@ and the step), its loss, its evaluation and what "best" means. The loop owns eve
 Run directory::
 
     run.json  config.json                      run config, architecture config (jaxformer.config)
-    checkpoints/<step>/  best/  best.json       jaxformer.checkpoint.Checkpoints (damaged/: set aside)
+    checkpoints/<step>/  best/  best.json       jaxformer.train.checkpoints.Checkpoints (damaged/: set aside)
     metrics.jsonl  curves.png                  + the task's files (tokenizer, data)
 
 ``metrics.jsonl`` training lines hold ``step``, ``loss`` (mean per token over the steps since the
@@ -35,26 +35,18 @@ import jax
 import numpy as np
 from tqdm import tqdm
 
-from jaxformer import flops
-from jaxformer import sharding as sh
-from jaxformer.checkpoint import Checkpoints
+from jaxformer.train import flops
+from jaxformer.train import sharding as sh
+from jaxformer.train.checkpoints import Checkpoints
 from jaxformer.config import Config, resume_changes
-from jaxformer.distributed import barrier, print0
+from jaxformer.train.distributed import barrier, print0
 from jaxformer.errors import InputError
-from jaxformer.metrics import MetricsLog, plot_curves
-from jaxformer.resumable import StopRequested, any_process
-from jaxformer.training import (
-    LossFn,
-    NonFiniteLoss,
-    TrainConfig,
-    TrainState,
-    check_finite,
-    init_state,
-    make_eval_step,
-    make_optimizer,
-    make_schedule,
-    make_train_step,
-)
+from jaxformer import plots
+from jaxformer.train.metrics import MetricsLog
+from jaxformer.train.preemption import StopRequested, any_process
+from jaxformer.train.optim import make_optimizer, make_schedule
+from jaxformer.train.run import RunConfig
+from jaxformer.train.step import LossFn, NonFiniteLoss, TrainState, check_finite, init_state, make_eval_step, make_train_step
 
 
 class Task:
@@ -68,12 +60,12 @@ class Task:
     """
 
     name: str
-    run_config: type[TrainConfig]
+    run_config: type[RunConfig]
     model_config: type[Config]
     presets: dict[str, tuple[dict, dict]]  # name -> (architecture fields, run-config fields)
     best_metric: str | None = None  # evaluation key that decides best/
     higher_is_better: bool = True
-    plot_panels: list[dict] = []  # see jaxformer.metrics.plot_curves
+    plot_panels: list[dict] = []  # see jaxformer.plots.curves
 
     config: Any  # the architecture config
     steps_per_epoch: int
@@ -118,7 +110,7 @@ def holds_run(out: Path) -> bool:
     return (out / "run.json").is_file() or (out / "checkpoints").is_dir()
 
 
-def resolve(task_cls: type[Task], out: Path, run: dict, model: dict, resume: bool) -> tuple[TrainConfig, Any]:
+def resolve(task_cls: type[Task], out: Path, run: dict, model: dict, resume: bool) -> tuple[RunConfig, Any]:
     """(run config, stored architecture config or None) for a run in ``out``.
 
     Fresh: the run config's defaults, then the preset's run fields, then ``run``. Resumed: the
@@ -154,20 +146,20 @@ def resolve(task_cls: type[Task], out: Path, run: dict, model: dict, resume: boo
 
 # --- the loop --------------------------------------------------------------------------------------
 
-def train(task_cls: type[Task], out: str | Path, *, run: dict | TrainConfig | None = None,
+def train(task_cls: type[Task], out: str | Path, *, run: dict | RunConfig | None = None,
           model: dict | None = None, resume: bool = False, mesh: str | None = None,
           metrics_path: str | Path | None = None, progress: bool = True) -> dict:
     """Trains ``task_cls`` in the run directory ``out`` (see the module docstring).
 
     run: run-config fields to set (a dict, or a whole config); model: architecture fields to set
     (fresh runs). resume: continue the run in ``out``. mesh: ``"data=4,fsdp=2"`` style
-    (:func:`jaxformer.sharding.make_mesh`; default: data parallel over all devices).
+    (:func:`jaxformer.train.sharding.make_mesh`; default: data parallel over all devices).
     Returns ``{"step", "stopped_by" (signal name or None), "records" (this session's metrics),
     "state", "config"}``; raises :class:`NonFiniteLoss` on a NaN/Inf loss.
     """
     t0 = time.time()
     out = Path(out).absolute()
-    run = run.to_dict() if isinstance(run, TrainConfig) else dict(run or {})
+    run = run.to_dict() if isinstance(run, RunConfig) else dict(run or {})
     cfg, stored = resolve(task_cls, out, run, dict(model or {}), resume)
     device_mesh = sh.make_mesh(mesh)
     out.mkdir(parents=True, exist_ok=True)
@@ -290,14 +282,14 @@ def train(task_cls: type[Task], out: str | Path, *, run: dict | TrainConfig | No
             if at_ckpt or last:
                 ckpts.save(step, state)
             if jax.process_index() == 0 and (at_eval or last):
-                plot_curves(out / "curves.png", task.plot_panels, metrics.records)
+                plots.curves(out / "curves.png", task.plot_panels, metrics.records)
             t_mark += time.perf_counter() - paused  # evaluations and saves are not training time
             if last:
                 break
     bar.close()
     if stopped_by:
         if jax.process_index() == 0:
-            plot_curves(out / "curves.png", task.plot_panels, metrics.records)
+            plots.curves(out / "curves.png", task.plot_panels, metrics.records)
         print0(f"{stopped_by}: stopped after step {step} and saved a checkpoint in {ckpts.states}. "
                f"Continue with the same command plus --resume (e.g. --out {out} --resume).")
     else:

@@ -1,6 +1,6 @@
 """Capture GPT-2's insides for a prompt, in Hugging Face's conventions, optionally with heads ablated.
 
-    python scripts/capture.py --model DIR --prompt "The cat sat on the" --out acts.npz --ablate 3.5 --ablate 0.1
+    jaxformer capture --model DIR --prompt "The cat sat on the" --out acts.npz --ablate 3.5 --ablate 0.1
 
 Writes float32 arrays (batch dimension dropped): ``token_ids`` [t] (int32), ``logits`` [t, vocab],
 ``hidden_states`` [n_layer + 1, t, n_embd] (entry 0: the embedding sum; the last: after the final
@@ -9,13 +9,11 @@ as ``output_attentions``). ``--ablate L.H`` zeroes head H of layer L (its slice 
 attention output projection); every array then reflects the ablation. DIR as generate.py takes it.
 """
 
-import sys
-
-from jaxformer import cli
+from jaxformer.commands import cli
 
 
 def main(argv=None) -> int:
-    ap = cli.parser(__doc__)
+    ap = cli.parser(__doc__, "jaxformer capture")
     ap.add_argument("--model", required=True, help="jaxformer checkpoint or run directory, HF directory or hub id")
     ap.add_argument("--prompt", required=True)
     ap.add_argument("--out", required=True, help="the .npz file to write")
@@ -41,11 +39,11 @@ def parse_heads(specs: list[str]) -> list[tuple[int, int]]:
 def run(args) -> int:
     import numpy as np
 
-    from jaxformer import taps
+    from jaxformer.nn import taps
     from jaxformer.errors import InputError
     from jaxformer.gpt2.inspect import hf_outputs
     from jaxformer.gpt2.pretrained import load_pretrained
-    from jaxformer.tokenizer import GPT2Tokenizer
+    from jaxformer.gpt2.tokenizer import GPT2Tokenizer
 
     out = cli.check_output(args.out, args.overwrite)
     heads = parse_heads(args.ablate)
@@ -70,7 +68,3 @@ def run(args) -> int:
     print(f"wrote {out}: " + ", ".join(f"{k} {list(v.shape)}" for k, v in arrays.items())
           + (f"; heads ablated: {', '.join(f'{layer}.{h}' for layer, h in heads)}" if heads else ""))
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,0 +1,56 @@
+"""The optimizer and learning-rate schedules of a run (optax), chosen by its :class:`RunConfig`;
+a schedule maps ``step`` (updates done, from 0) to the learning rate."""
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from jaxformer.errors import InputError
+from jaxformer.train.run import RunConfig
+
+
+def make_schedule(cfg: RunConfig, d_model: int | None = None) -> optax.Schedule:
+    """The learning rate of ``cfg.schedule``; ``noam`` needs the model width ``d_model``, ``cosine``
+    a resolved ``cfg.schedule_steps``."""
+    if cfg.schedule == "noam":
+        if d_model is None:
+            raise InputError("schedule=noam needs a model width (d_model); use cosine or constant")
+        return noam(d_model, cfg.warmup, cfg.lr)
+    if cfg.schedule == "constant":
+        return optax.linear_schedule(0.0, cfg.lr, cfg.warmup) if cfg.warmup else optax.constant_schedule(cfg.lr)
+    if cfg.schedule_steps is None:
+        raise InputError("schedule=cosine needs the run's length: give steps, epochs or schedule_steps")
+    return warmup_cosine(cfg.lr, cfg.warmup, cfg.schedule_steps, cfg.min_lr_ratio)
+
+
+def noam(d_model: int, warmup_steps: int, factor: float = 1.0) -> optax.Schedule:
+    """``factor * d_model^-0.5 * min(n^-0.5, n * warmup^-1.5)`` with ``n = step + 1`` ("Attention is
+    all you need", eq. 3): linear warm-up to the peak at ``warmup_steps``, then inverse square root.
+    It does not depend on the run's length, so time-limited runs and resumes see the same rates."""
+    def schedule(step):
+        n = jnp.asarray(step, jnp.float32) + 1.0
+        return factor * d_model**-0.5 * jnp.minimum(n**-0.5, n * warmup_steps**-1.5)
+    return schedule
+
+
+def warmup_cosine(peak: float, warmup_steps: int, total_steps: int, end_ratio: float = 0.1) -> optax.Schedule:
+    """Linear warm-up from 0 to ``peak`` over ``warmup_steps``, then cosine decay to
+    ``end_ratio * peak`` at ``total_steps`` (constant after)."""
+    return optax.warmup_cosine_decay_schedule(0.0, peak, warmup_steps, max(total_steps, warmup_steps + 1),
+                                              end_value=end_ratio * peak)
+
+
+def decay_mask(params):
+    """True where weight decay applies: Dense kernels and an untied ``lm_head``; not biases,
+    LayerNorm scales/biases or embeddings. Names decide, since stacked layers make biases 2-D."""
+    return jax.tree_util.tree_map_with_path(lambda path, _: path[-1].key in ("kernel", "lm_head"), params)
+
+
+def make_optimizer(cfg: RunConfig, schedule) -> optax.GradientTransformation:
+    """``cfg.optimizer``: ``"adam"`` or ``"adamw"`` (decoupled decay on :func:`decay_mask`'s params),
+    after clipping the global gradient norm when ``cfg.clip_norm > 0``."""
+    if cfg.optimizer == "adam":
+        opt = optax.adam(schedule, cfg.b1, cfg.b2, cfg.eps)
+    else:
+        opt = optax.adamw(schedule, cfg.b1, cfg.b2, cfg.eps, weight_decay=cfg.weight_decay, mask=decay_mask)
+    return optax.chain(optax.clip_by_global_norm(cfg.clip_norm), opt) if cfg.clip_norm > 0 else opt
