@@ -17,7 +17,6 @@ import time
 import jax
 import numpy as np
 
-from jaxformer.commands import cli
 from jaxformer.benchmark import (
     STATISTIC,
     best_times,
@@ -25,6 +24,7 @@ from jaxformer.benchmark import (
     device_name,
     write_json,
 )
+from jaxformer.commands import cli
 
 
 def main(argv=None) -> int:
@@ -80,18 +80,7 @@ def bench(args) -> int:
             assert all(len(o) == args.new_tokens for o in out)
             fns = {"jaxformer": run}
             if not args.no_hf:
-                ids = torch.tensor(prompts, device=tdev)
-
-                def hf_run():
-                    with torch.inference_mode():
-                        hf_out = tmodel.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                                                 max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens,
-                                                 pad_token_id=config.eos_token_id, use_cache=True)
-                    if tdev == "cuda":
-                        torch.cuda.synchronize()
-                    return hf_out
-
-                fns["hf"] = hf_run
+                fns["hf"] = hf_generate(tmodel, prompts, args.new_tokens, config.eos_token_id, tdev)
             t = best_times(fns, args.repeats)
             jf_s = t["jaxformer"]
             step_s = jf_s / args.new_tokens
@@ -104,15 +93,35 @@ def bench(args) -> int:
             cases.append(case)
             print(json.dumps(case))
 
+    report(cases)
+    write_json(args.json, dict(device=device, copy_bandwidth_gb_s=bw / 1e9, copy_bandwidth_one_thread_gb_s=bw_one / 1e9,
+                               jax=jax.__version__, torch=torch.__version__, preset=args.preset, cases=cases))
+    return 0
+
+
+def hf_generate(model, prompts: list[list[int]], new_tokens: int, eos_token_id: int, tdev: str):
+    """``run()``: Hugging Face greedy ``generate`` of exactly ``new_tokens`` tokens for ``prompts``."""
+    import torch
+
+    ids = torch.tensor(prompts, device=tdev)
+
+    def run():
+        with torch.inference_mode():
+            out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=new_tokens,
+                                 min_new_tokens=new_tokens, pad_token_id=eos_token_id, use_cache=True)
+        if tdev == "cuda":
+            torch.cuda.synchronize()
+        return out
+    return run
+
+
+def report(cases: list[dict]) -> None:
     print(f"\n{'batch':>5} {'dtype':>9} {'jaxformer tok/s':>16} {'HF tok/s':>9} {'speedup':>8} "
           f"{'compile s':>10} {'roofline':>9}")
     for c in cases:
         print(f"{c['batch']:>5} {c['dtype']:>9} {c['jaxformer_tok_s']:>16.1f} {c.get('hf_tok_s', float('nan')):>9.1f} "
               f"{c.get('speedup', float('nan')):>7.2f}x {c['compile_s']:>10.2f} {c['roofline_fraction']:>8.0%}")
     print(f"timing: {STATISTIC}")
-    write_json(args.json, dict(device=device, copy_bandwidth_gb_s=bw / 1e9, copy_bandwidth_one_thread_gb_s=bw_one / 1e9,
-                               jax=jax.__version__, torch=torch.__version__, preset=args.preset, cases=cases))
-    return 0
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@
 #
 # (JAXFORMER_DATA: the directory holding fra-eng/fra-eng.zip, for the translator's benchmark.)
 # Nothing is installed or downloaded; jax, flax, optax, orbax, torch and transformers are expected.
+# scripts/bench_serve.py is left out: its Hugging Face servers run on the CPU.
 set -u
 out=${1:-bench-gpu}
 mkdir -p "$out"

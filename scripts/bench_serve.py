@@ -6,12 +6,12 @@
 Every server serves the same random-weight GPT-2 124M (transformers, seed 0, saved with the GPT-2
 tokenizer in a temporary directory) on 127.0.0.1, one server at a time, alone on the machine:
 
-* jaxformer: ``jaxformer/commands/serve.py --gpt2 DIR --slots S`` (S: the largest stream count; --server-cmd
-  replaces the command, e.g. to try the script against a stand-in);
+* jaxformer: ``jaxformer serve --gpt2 DIR --slots S`` (S: the largest stream count; --server-cmd replaces
+  the command, e.g. to try the script against a stand-in);
 * hf-serve: ``transformers serve DIR --continuous-batching --device cpu --dtype float32`` with a
   KV cache sized for the load (by default it takes 90% of the free RAM);
-* hf-generate: ``model.generate`` one request at a time behind a minimal streaming endpoint (this
-  script, run as a subprocess), the baseline without batching.
+* hf-generate: ``model.generate`` one request at a time behind a minimal streaming endpoint
+  (scripts/hf_generate_server.py), the baseline without batching.
 
 For each stream count N, N clients in a closed loop each send --requests streaming requests in turn
 (all prompts distinct: --prompt-len random words that are one GPT-2 token each, the same prompts for
@@ -27,34 +27,33 @@ start or a request failed (the results are written all the same).
 """
 
 import argparse
+import dataclasses
 import json
 import math
 import os
 import shlex
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
+from jaxformer.benchmark import LOAD_STATISTIC, closed_loop, device_name, summarize_load, write_json
 from jaxformer.commands import cli
-from jaxformer.benchmark import device_name, write_json
 from jaxformer.errors import InputError
 
-SERVERS = ("jaxformer", "hf-serve", "hf-generate")
 HOST = "127.0.0.1"
 MODEL_NAME = "gpt2-random"
-DEFAULT_CMD = ("{python} {serve} --gpt2 {model} --host {host} --port {port} --slots {slots} "
+DEFAULT_CMD = ("{python} -m jaxformer serve --gpt2 {model} --host {host} --port {port} --slots {slots} "
                "--max-queue {max_queue}")
-SERVER_CMD_FIELDS = ("python", "serve", "model", "host", "port", "slots", "max_queue")
-STATISTIC = ("closed loop: N concurrent streaming clients, each request after the previous one ended; tokens/s = "
-             "tokens received / wall time of the timed pass; TTFT and TPOT per request, p50/p95 over requests")
+SERVER_CMD_FIELDS = ("python", "model", "host", "port", "slots", "max_queue")
 
 
 def main(argv=None) -> int:
@@ -67,10 +66,10 @@ def main(argv=None) -> int:
     ap.add_argument("--max-tokens", type=cli.at_least(1), default=64, help="new tokens per request (default: 64)")
     ap.add_argument("--warmup-requests", type=cli.at_least(0), default=1,
                     help="requests per client in the untimed pass before each stream count (default: 1)")
-    ap.add_argument("--only", default=",".join(SERVERS), help=f"comma-separated subset of {','.join(SERVERS)}")
+    ap.add_argument("--only", default=",".join(CONTENDERS), help=f"comma-separated subset of {','.join(CONTENDERS)}")
     ap.add_argument("--slots", type=cli.at_least(1), help="jaxformer --slots (default: the largest stream count)")
     ap.add_argument("--server-cmd", default=DEFAULT_CMD,
-                    help="the jaxformer server's command; fields {python} {serve} {model} {host} {port} {slots} "
+                    help="the jaxformer server's command; fields {python} {model} {host} {port} {slots} "
                          "{max_queue} (default: %(default)s)")
     ap.add_argument("--jaxformer-extra", default='{"ignore_eos": true}',
                     help="JSON object merged into jaxformer's requests (default: %(default)s)")
@@ -81,17 +80,11 @@ def main(argv=None) -> int:
     ap.add_argument("--request-timeout", type=cli.at_least(1), default=600, help="seconds for one request")
     ap.add_argument("--logs", help="keep the servers' logs in this directory (default: a temporary one)")
     ap.add_argument("--json", help="write results here")
-    # Internal: this script as the hf-generate server.
-    ap.add_argument("--generate-server", metavar="DIR", help=argparse.SUPPRESS)
-    ap.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
-    if args.generate_server:
-        return cli.run(lambda: generate_server(args.generate_server, args.port, args.threads), args.debug)
     only = [s.strip() for s in args.only.split(",") if s.strip()]
-    unknown = sorted(set(only) - set(SERVERS))
-    if unknown or not only:
-        ap.error(f"--only {args.only!r}: choose among {', '.join(SERVERS)}")
-    args.only = [s for s in SERVERS if s in only]
+    if set(only) - set(CONTENDERS) or not only:
+        ap.error(f"--only {args.only!r}: choose among {', '.join(CONTENDERS)}")
+    args.only = [s for s in CONTENDERS if s in only]
     if "jaxformer" in args.only:
         try:
             args.server_cmd.format(**dict.fromkeys(SERVER_CMD_FIELDS, ""))
@@ -146,8 +139,6 @@ def make_prompts(words: list[str], count: int, length: int, seed: int) -> list[s
 # --- servers ---------------------------------------------------------------------------------------
 
 def free_port() -> int:
-    import socket
-
     with socket.socket() as s:
         s.bind((HOST, 0))
         return s.getsockname()[1]
@@ -203,133 +194,72 @@ class Server:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
 
     def __exit__(self, *exc):
-        if self.proc.poll() is None:
-            for sig, wait in ((signal.SIGTERM, 20), (signal.SIGKILL, 10)):
-                try:
-                    os.killpg(self.proc.pid, sig)  # the server and whatever it started
-                except ProcessLookupError:
-                    break
-                try:
-                    self.proc.wait(wait)
-                    break
-                except subprocess.TimeoutExpired:
-                    continue
+        for sig, wait in ((signal.SIGTERM, 20), (signal.SIGKILL, 10)):
+            if self.proc.poll() is not None:
+                break
+            try:
+                os.killpg(self.proc.pid, sig)  # the server and whatever it started
+                self.proc.wait(wait)
+            except (ProcessLookupError, subprocess.TimeoutExpired):
+                continue
         self.log.close()
 
 
-def server_command(name: str, args, model_dir: Path, port: int) -> list[str]:
+# --- the contenders --------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Contender:
+    """A server under test: its command line, and the request fields that name its model and make it
+    ignore EOS. A baseline (Hugging Face) runs torch, so --threads applies, and jaxformer is compared
+    with the better baseline."""
+    command: Callable[[argparse.Namespace, Path, int], list[str]]  # (args, model_dir, port)
+    request_fields: Callable[[argparse.Namespace, Path, str], dict]  # (args, model_dir, url)
+    baseline: bool
+
+
+def jaxformer_command(args, model_dir: Path, port: int) -> list[str]:
     streams = max(args.streams)
-    if name == "jaxformer":
-        fields = dict(python=sys.executable, serve=Path(__file__).resolve().with_name("serve.py"), model=model_dir,
-                      host=HOST, port=port, slots=args.slots or streams, max_queue=streams)
-        return shlex.split(args.server_cmd.format(**{k: shlex.quote(str(v)) for k, v in fields.items()}))
-    if name == "hf-serve":
-        pages = math.ceil((args.prompt_len + args.max_tokens) / 256)  # transformers' default page size: 256 tokens
-        blocks = args.cb_num_blocks or 2 * streams * pages + 4  # room beyond the scheduler's safety margin
-        batch_tokens = args.cb_max_batch_tokens or max(1024, streams * args.prompt_len)
-        return [sys.executable, "-m", "transformers.cli.transformers", "serve", str(model_dir), "--continuous-batching",
-                "--device", "cpu", "--dtype", "float32", "--host", HOST, "--port", str(port),
-                "--cb-num-blocks", str(blocks), "--cb-max-batch-tokens", str(batch_tokens)]
-    return [sys.executable, str(Path(__file__).resolve()), "--generate-server", str(model_dir), "--port", str(port)] + (
-        ["--threads", str(args.threads)] if args.threads else [])
+    fields = dict(python=sys.executable, model=model_dir, host=HOST, port=port, slots=args.slots or streams,
+                  max_queue=streams)
+    return shlex.split(args.server_cmd.format(**{k: shlex.quote(str(v)) for k, v in fields.items()}))
 
 
-def request_fields(name: str, args, model_dir: Path, url: str) -> dict:
-    """The model name and the fields that make each server ignore EOS."""
-    base = {"max_tokens": args.max_tokens, "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
-    if name == "jaxformer":
-        served = get_json(f"{url}/v1/models")["data"]
-        model = next((m["id"] for m in served if m.get("task", "completion") == "completion"), served[0]["id"])
-        return {**base, "model": model, **args.jaxformer_extra}
-    if name == "hf-serve":  # the model must be named as given to `transformers serve`
-        gen = {"eos_token_id": -1, "do_sample": False}
-        return {**base, "model": str(model_dir), "generation_config": json.dumps(gen)}
-    return {**base, "model": MODEL_NAME, "ignore_eos": True}
+def jaxformer_fields(args, model_dir: Path, url: str) -> dict:
+    served = get_json(f"{url}/v1/models")["data"]
+    model = next((m["id"] for m in served if m.get("task", "completion") == "completion"), served[0]["id"])
+    return {"model": model, **args.jaxformer_extra}
 
 
-# --- the load --------------------------------------------------------------------------------------
-
-def stream_request(port: int, body: dict, timeout: float) -> dict:
-    """One streaming completion: arrival times of the text chunks, tokens (usage, else chunks), error."""
-    import http.client
-
-    start = time.perf_counter()
-    times, usage, error = [], None, None
-    conn = http.client.HTTPConnection(HOST, port, timeout=timeout)
-    try:
-        conn.request("POST", "/v1/completions", json.dumps(body).encode(),
-                     {"Content-Type": "application/json", "Accept": "text/event-stream"})
-        resp = conn.getresponse()
-        if resp.status != 200:
-            error = f"HTTP {resp.status}: {resp.read(300).decode(errors='replace')}"
-        else:
-            while True:
-                line = resp.readline()
-                if not line:
-                    break
-                if time.perf_counter() - start > timeout:
-                    error = f"not finished after {timeout} s"
-                    break
-                line = line.strip()
-                if not line.startswith(b"data:"):
-                    continue
-                data = line[5:].strip()
-                if data == b"[DONE]":
-                    break
-                event = json.loads(data)
-                if "error" in event:
-                    error = f"error event: {event['error']}"
-                    break
-                usage = event.get("usage") or usage
-                if any(c.get("text") for c in event.get("choices") or []):
-                    times.append(time.perf_counter() - start)
-    except (OSError, http.client.HTTPException, ValueError) as e:
-        error = f"{type(e).__name__}: {e}"
-    finally:
-        conn.close()
-    tokens = usage["completion_tokens"] if usage and usage.get("completion_tokens") is not None else len(times)
-    if error is None and not times:
-        error = "no text received"
-    return dict(ttft=times[0] if times else None, last=times[-1] if times else None, tokens=tokens, chunks=len(times),
-                error=error)
+def hf_serve_command(args, model_dir: Path, port: int) -> list[str]:
+    streams = max(args.streams)
+    pages = math.ceil((args.prompt_len + args.max_tokens) / 256)  # transformers' default page size: 256 tokens
+    blocks = args.cb_num_blocks or 2 * streams * pages + 4  # room beyond the scheduler's safety margin
+    batch_tokens = args.cb_max_batch_tokens or max(1024, streams * args.prompt_len)
+    return [sys.executable, "-m", "transformers.cli.transformers", "serve", str(model_dir), "--continuous-batching",
+            "--device", "cpu", "--dtype", "float32", "--host", HOST, "--port", str(port),
+            "--cb-num-blocks", str(blocks), "--cb-max-batch-tokens", str(batch_tokens)]
 
 
-def run_load(port: int, fields: dict, prompts: list[str], streams: int, timeout: float) -> tuple[list[dict], float]:
-    """``streams`` clients in a closed loop over ``prompts`` (client i sends prompts i, i + streams, ...)."""
-    results, lock = [], threading.Lock()
-
-    def client(i):
-        for prompt in prompts[i::streams]:
-            r = stream_request(port, {**fields, "prompt": prompt}, timeout)
-            with lock:
-                results.append(r)
-
-    threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(streams)]
-    start = time.perf_counter()
-    for t in threads:
-        t.start()
-    deadline = time.monotonic() + timeout * math.ceil(len(prompts) / streams) + 30
-    for t in threads:
-        t.join(max(0.0, deadline - time.monotonic()))
-    wall = time.perf_counter() - start
-    with lock:
-        results = list(results)
-    results += [dict(ttft=None, last=None, tokens=0, chunks=0, error="client still running at the deadline")] * (
-        len(prompts) - len(results))
-    return results, wall
+def hf_serve_fields(args, model_dir: Path, url: str) -> dict:
+    # The model must be named as given to `transformers serve`.
+    return {"model": str(model_dir), "generation_config": json.dumps({"eos_token_id": -1, "do_sample": False})}
 
 
-def summarize(results: list[dict], wall: float, expected: int) -> dict:
-    ok = [r for r in results if r["error"] is None]
-    ttft = [r["ttft"] for r in ok]
-    tpot = [(r["last"] - r["ttft"]) / (r["tokens"] - 1) for r in ok if r["tokens"] > 1]
-    pct = lambda xs, q: float(np.percentile(xs, q)) if xs else None  # noqa: E731
-    received = sum(r["tokens"] for r in results)
-    return dict(tok_s=received / wall, wall_s=wall, requests=len(results), failed=len(results) - len(ok),
-                tokens_expected=expected * len(results), tokens_received=received,
-                short=sum(r["tokens"] != expected for r in ok),
-                ttft_p50_s=pct(ttft, 50), ttft_p95_s=pct(ttft, 95), tpot_p50_s=pct(tpot, 50), tpot_p95_s=pct(tpot, 95),
-                errors=sorted({r["error"] for r in results if r["error"]})[:3])
+def hf_generate_command(args, model_dir: Path, port: int) -> list[str]:
+    return [sys.executable, str(Path(__file__).resolve().with_name("hf_generate_server.py")), str(model_dir),
+            "--host", HOST, "--port", str(port)] + (["--threads", str(args.threads)] if args.threads else [])
+
+
+def hf_generate_fields(args, model_dir: Path, url: str) -> dict:
+    return {"model": MODEL_NAME, "ignore_eos": True}
+
+
+CONTENDERS = {
+    "jaxformer": Contender(jaxformer_command, jaxformer_fields, baseline=False),
+    "hf-serve": Contender(hf_serve_command, hf_serve_fields, baseline=True),
+    "hf-generate": Contender(hf_generate_command, hf_generate_fields, baseline=True),
+}
+BASELINES = tuple(name for name, c in CONTENDERS.items() if c.baseline)
 
 
 # --- the benchmark ---------------------------------------------------------------------------------
@@ -356,10 +286,10 @@ def bench(args) -> int:
         words = one_token_words()
         for name in args.only:
             port = free_port()
-            cmd = server_command(name, args, model_dir, port)
+            cmd = CONTENDERS[name].command(args, model_dir, port)
             print(f"\n== {name}: {shlex.join(cmd)}")
             info = servers[name] = dict(cmd=shlex.join(cmd), loadavg_before=os.getloadavg())
-            env = base_env if name == "jaxformer" else hf_env  # --threads is for torch only
+            env = hf_env if CONTENDERS[name].baseline else base_env  # --threads is for torch only
             try:
                 with Server(name, cmd, port, logs / f"{name}.log", env, bool(args.logs)) as server:
                     runs[name] = measure(server, args, model_dir, words, info, problems)
@@ -382,8 +312,7 @@ def bench(args) -> int:
                       max_tokens=args.max_tokens, warmup_requests=args.warmup_requests, only=args.only,
                       server_cmd=args.server_cmd, jaxformer_extra=args.jaxformer_extra),
         servers=servers, cases=cases, jaxformer=runs.get("jaxformer"),
-        baselines={n: runs[n] for n in ("hf-serve", "hf-generate") if n in runs}, problems=problems,
-        load=STATISTIC))
+        baselines={n: runs[n] for n in BASELINES if n in runs}, problems=problems, load=LOAD_STATISTIC))
     return 1 if problems else 0
 
 
@@ -393,18 +322,20 @@ def measure(server: Server, args, model_dir: Path, words: list[str], info: dict,
     info["startup_s"] = server.wait_ready(args.startup_timeout)
     info["health"] = server.health()
     print(f"ready after {info['startup_s']:.1f} s")
-    fields = info["request_fields"] = request_fields(name, args, model_dir, server.url)
+    fields = info["request_fields"] = {
+        "max_tokens": args.max_tokens, "temperature": 0, "stream": True, "stream_options": {"include_usage": True},
+        **CONTENDERS[name].request_fields(args, model_dir, server.url)}
     rows = []
     for streams in args.streams:
         if args.warmup_requests:
             warm = make_prompts(words, streams * args.warmup_requests, args.prompt_len, 10_000 + streams)
-            results, wall = run_load(server.port, fields, warm, streams, args.request_timeout)
+            results, wall = closed_loop(HOST, server.port, fields, warm, streams, args.request_timeout)
             failed = sum(r["error"] is not None for r in results)
             print(f"  streams {streams:>3}: warm-up {wall:.1f} s, {failed} failed")
         before = server.health().get("compilations")
         prompts = make_prompts(words, streams * args.requests, args.prompt_len, streams)
-        results, wall = run_load(server.port, fields, prompts, streams, args.request_timeout)
-        row = dict(streams=streams, **summarize(results, wall, args.max_tokens))
+        results, wall = closed_loop(HOST, server.port, fields, prompts, streams, args.request_timeout)
+        row = dict(streams=streams, **summarize_load(results, wall, args.max_tokens))
         after = server.health().get("compilations")
         if isinstance(before, int) and isinstance(after, int):
             row["compilations_during"] = after - before
@@ -427,7 +358,7 @@ def compare(runs: dict[str, list[dict]], args) -> list[dict]:
     cases = []
     for i, streams in enumerate(args.streams):
         jf = runs["jaxformer"][i] if len(runs.get("jaxformer", [])) > i else {}
-        hf = {n: runs[n][i] for n in ("hf-serve", "hf-generate") if len(runs.get(n, [])) > i}
+        hf = {n: runs[n][i] for n in BASELINES if len(runs.get(n, [])) > i}
         best = max(hf, key=lambda n: hf[n]["tok_s"]) if hf else None
         hf_tok_s = hf[best]["tok_s"] if best else None
         case = dict(streams=streams, jaxformer_tok_s=jf.get("tok_s"), hf_tok_s=hf_tok_s,
@@ -462,140 +393,6 @@ def _fmt(x, scale=1, width=0, digits=None):
         return f"{'-':>{width}}"
     digits = (1 if scale != 1 else 3) if digits is None else digits
     return f"{x * scale:>{width}.{digits}f}"
-
-
-# --- hf-generate: model.generate one request at a time ----------------------------------------------
-
-def generate_server(model_dir: str, port: int, threads: int | None) -> int:
-    """A minimal OpenAI-style /v1/completions over ``model.generate``: streaming (one SSE event per
-    token), greedy or sampled, ``ignore_eos``; one generation at a time, requests wait their turn."""
-    import asyncio
-    import concurrent.futures
-    import uuid
-
-    import torch
-    import transformers
-    import uvicorn
-    from fastapi import FastAPI, Request
-    from fastapi.responses import JSONResponse, StreamingResponse
-    from transformers.generation.streamers import BaseStreamer
-
-    if threads:
-        torch.set_num_threads(threads)
-    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    tok = transformers.AutoTokenizer.from_pretrained(model_dir, clean_up_tokenization_spaces=False)
-    worker = concurrent.futures.ThreadPoolExecutor(max_workers=1)  # one request at a time
-    app = FastAPI()
-    name = Path(model_dir).name
-
-    class Streamer(BaseStreamer):
-        def __init__(self, loop, queue):
-            self.loop, self.queue, self.prompt_seen = loop, queue, False
-
-        def put(self, value):
-            if not self.prompt_seen:  # generate() first passes the prompt
-                self.prompt_seen = True
-                return
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, value.reshape(-1).tolist())
-
-        def end(self):
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, None)
-
-    class Cancelled(transformers.StoppingCriteria):
-        def __init__(self, event):
-            self.event = event
-
-        def __call__(self, input_ids, scores, **kwargs):
-            return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool)
-
-    def error(status, message):
-        return JSONResponse({"error": {"message": message, "type": "invalid_request_error", "param": None,
-                                       "code": None}}, status_code=status)
-
-    @app.get("/health")
-    async def health():
-        return {"status": "ok", "models": [name]}
-
-    @app.get("/v1/models")
-    async def models():
-        return {"object": "list", "data": [{"id": name, "object": "model", "created": 0, "owned_by": "transformers",
-                                            "task": "completion"}]}
-
-    @app.post("/v1/completions")
-    async def completions(request: Request):
-        try:
-            body = await request.json()
-            ids = tok(body["prompt"], return_tensors="pt")["input_ids"]
-            max_tokens = int(body.get("max_tokens", 16))
-            temperature = float(body.get("temperature", 1.0))
-        except (ValueError, KeyError, TypeError) as e:
-            return error(400, f"bad request: {e!r}")
-        loop, queue, cancel = asyncio.get_running_loop(), asyncio.Queue(), threading.Event()
-        stop = transformers.StoppingCriteriaList([Cancelled(cancel)])
-        kw = dict(max_new_tokens=max_tokens, pad_token_id=tok.eos_token_id, use_cache=True,
-                  streamer=Streamer(loop, queue), stopping_criteria=stop)
-        if body.get("ignore_eos"):
-            kw["min_new_tokens"] = max_tokens
-        if temperature > 0:
-            kw.update(do_sample=True, temperature=temperature, top_p=float(body.get("top_p", 1.0)),
-                      top_k=int(body.get("top_k", 0)))
-        else:
-            kw.update(do_sample=False)
-
-        def work():
-            if cancel.is_set():
-                loop.call_soon_threadsafe(queue.put_nowait, None)
-                return
-            try:
-                with torch.inference_mode():
-                    model.generate(ids, attention_mask=torch.ones_like(ids), **kw)
-            except Exception as e:  # reported to the client as an error event
-                loop.call_soon_threadsafe(queue.put_nowait, e)
-
-        rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
-        worker.submit(work)
-
-        def chunk(text, finish=None, usage=None):
-            c = {"id": rid, "object": "text_completion", "created": created, "model": name,
-                 "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish}]}
-            return f"data: {json.dumps(c if usage is None else {**c, 'choices': [], 'usage': usage})}\n\n"
-
-        async def events():
-            n = 0
-            try:
-                while True:
-                    item = await queue.get()
-                    if item is None:
-                        break
-                    if isinstance(item, Exception):
-                        yield f"data: {json.dumps({'error': {'message': repr(item), 'type': 'server_error'}})}\n\n"
-                        return
-                    for t in item:
-                        n += 1
-                        yield chunk(tok.decode([t]))
-                yield chunk("", "length" if n >= max_tokens else "stop")
-                if (body.get("stream_options") or {}).get("include_usage"):
-                    yield chunk("", usage={"prompt_tokens": ids.shape[1], "completion_tokens": n,
-                                           "total_tokens": ids.shape[1] + n})
-                yield "data: [DONE]\n\n"
-            finally:
-                cancel.set()
-
-        if body.get("stream"):
-            return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-        text, n = "", 0
-        async for event in events():
-            if event.startswith("data: {"):
-                c = json.loads(event[6:])
-                if c.get("choices"):
-                    text += c["choices"][0]["text"]
-                    n += bool(c["choices"][0]["text"])
-        return {"id": rid, "object": "text_completion", "created": created, "model": name,
-                "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": "length"}],
-                "usage": {"prompt_tokens": ids.shape[1], "completion_tokens": n, "total_tokens": ids.shape[1] + n}}
-
-    uvicorn.run(app, host=HOST, port=port, log_level="warning")
-    return 0
 
 
 if __name__ == "__main__":

@@ -29,11 +29,11 @@ def bench(args) -> int:
     import jax
     import numpy as np
 
-    from jaxformer.nn import taps
     from jaxformer.benchmark import STATISTIC, best_times, device_name, write_json
     from jaxformer.errors import InputError
     from jaxformer.gpt2.config import preset
     from jaxformer.gpt2.model import GPT2, init_params
+    from jaxformer.nn import taps
 
     config = preset(args.preset, scan_layers=False)
     if args.seq_len > config.n_positions:

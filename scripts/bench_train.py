@@ -5,13 +5,14 @@
 
 Both sides do the same update: forward, next-token cross-entropy, backward, global-norm clipping
 to 1.0, AdamW (betas 0.9/0.95, weight decay 0.1), dropout ``--dropout`` (GPT-2's 0.1 by default).
-jaxformer: the shared jitted, donating train step (``jaxformer.train.step``) with GPT-2's loss, as the
-trainer runs it (float32 master weights, ``--dtype`` compute). PyTorch:
+jaxformer: the shared jitted, donating train step (``jaxformer.train.step``) with GPT-2's loss, as
+``jaxformer train gpt2`` runs it (float32 master weights, ``--dtype`` compute). PyTorch:
 transformers' ``GPT2LMHeadModel`` with ``torch.optim.AdamW``; on a GPU its best effort is bf16
 autocast, SDPA attention and ``torch.compile``. Each side runs ``--warmup`` untimed steps
 (compilation), then ``--repeats`` timed passes of ``--steps`` steps, the sides' passes interleaved
 so that a change of load on the machine hits both alike; the best pass counts. MFU uses
-``flops_per_token`` and the device's peak (table for GPUs/TPUs, measured matmul for the CPU).
+``jaxformer.train.flops.gpt2_flops_per_token`` and the device's peak (table for GPUs/TPUs, measured
+matmul for the CPU).
 """
 
 import math
@@ -22,25 +23,25 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # leave PyTorch
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from jaxformer.commands import cli  # noqa: E402
 from jaxformer.benchmark import STATISTIC, best_times, device_name, write_json  # noqa: E402
+from jaxformer.commands import cli  # noqa: E402
 from jaxformer.errors import InputError  # noqa: E402
 
 
 def bench_jax(batch: int, seq: int, dtype: str, dropout: float, scan: bool, warmup: int):
     """``run(n)``: n jaxformer train steps on one device, after ``warmup`` (compiling) ones;
     ``scan``: layers as one ``nn.scan`` (the trainer's default) or unrolled."""
-    from jaxformer.train import sharding as sh
     from jaxformer.gpt2.config import preset
     from jaxformer.gpt2.model import init_params
     from jaxformer.gpt2.train import GPT2RunConfig, make_loss_fn
+    from jaxformer.train import sharding as sh
     from jaxformer.train.optim import make_optimizer, make_schedule
     from jaxformer.train.step import TrainState, init_state, make_train_step
 
     config = preset("gpt2", dtype=dtype, resid_pdrop=dropout, embd_pdrop=dropout, attn_pdrop=dropout,
                     scan_layers=scan)
-    cfg = GPT2RunConfig(lr=3e-4, warmup=10, steps=1000, schedule_steps=1000)
-    optimizer = make_optimizer(cfg, make_schedule(cfg))
+    run_config = GPT2RunConfig(lr=3e-4, warmup=10, steps=1000, schedule_steps=1000)
+    optimizer = make_optimizer(run_config, make_schedule(run_config))
     mesh = sh.make_mesh("data=1", jax.devices()[:1])
     create = lambda key: TrainState.create(init_params(config, key), optimizer, key)  # noqa: E731
     state, state_sh = init_state(create, jax.random.PRNGKey(0), mesh)
@@ -118,8 +119,8 @@ def main(argv=None) -> int:
 
 
 def bench(args) -> int:
-    from jaxformer.train.flops import gpt2_flops_per_token, peak_flops
     from jaxformer.gpt2.config import preset
+    from jaxformer.train.flops import gpt2_flops_per_token, peak_flops
 
     if args.seq_len > 1024:
         raise InputError(f"--seq-len {args.seq_len}: GPT-2 124M has 1024 positions")

@@ -9,8 +9,9 @@
   bucket, compilation excluded), against a batched PyTorch greedy decoder that re-runs the decoder on
   the whole prefix at every step, as the book's ``translate()`` does; both use the same weights.
 
-Without --model, the weights are random (the tokenizer is trained on the training split), so decoding
-runs to the length limit in both implementations.
+--model: a run directory of ``jaxformer train translator``. Without it, the weights are random (the
+tokenizer is trained on the training split), so decoding runs to the length limit in both
+implementations.
 """
 
 import dataclasses
@@ -22,8 +23,8 @@ import jax
 import numpy as np
 import torch
 
-from jaxformer.commands import cli
 from jaxformer.benchmark import STATISTIC, best_times, device_name, write_json
+from jaxformer.commands import cli
 from jaxformer.errors import InputError
 from jaxformer.train.optim import make_optimizer, make_schedule
 from jaxformer.train.step import TrainState, make_train_step
@@ -31,24 +32,24 @@ from jaxformer.translator import data as tdata
 from jaxformer.translator import tokenizer as tk
 from jaxformer.translator.batching import Batcher, pad_sources
 from jaxformer.translator.config import PRESETS, preset
-from jaxformer.translator.translate import TranslationPipeline, output_len
 from jaxformer.translator.model import init_params
 from jaxformer.translator.torch_model import from_flax
 from jaxformer.translator.train import TranslatorRunConfig, make_loss_fn
+from jaxformer.translator.translate import TranslationPipeline, output_len
 
 
 def autocast(tdev: str, dtype: str):
     return torch.autocast(tdev, dtype=torch.bfloat16, enabled=dtype == "bfloat16")
 
 
-def bench_train(cfg, run, params, batches, repeats, tdev):
+def bench_train(config, run, params, batches, repeats, tdev):
     """Target (non-PAD) tokens per second over ``batches`` for JAX and PyTorch (model config
-    ``cfg``, run config ``run``: AdamW with the Noam schedule, label smoothing; ``cfg.dtype``
+    ``config``, run config ``run``: AdamW with the Noam schedule, label smoothing; ``config.dtype``
     bfloat16: PyTorch under bf16 autocast)."""
     tokens = sum(int((b.tgt_out != tk.PAD_ID).sum()) for b in batches)
-    schedule = make_schedule(run, cfg.d_model)
+    schedule = make_schedule(run, config.d_model)
     opt = make_optimizer(run, schedule)
-    step = make_train_step(make_loss_fn(cfg, run.label_smoothing), opt)
+    step = make_train_step(make_loss_fn(config, run.label_smoothing), opt)
     dicts = [dict(src=b.src, tgt_in=b.tgt_in, tgt_out=b.tgt_out) for b in batches]
     box = [TrainState.create(params, opt, jax.random.PRNGKey(0))]
 
@@ -57,7 +58,7 @@ def bench_train(cfg, run, params, batches, repeats, tdev):
             box[0], m = step(box[0], d)
         jax.block_until_ready(box[0])
 
-    model = from_flax(params, cfg).to(tdev).train()
+    model = from_flax(params, config).to(tdev).train()
     topt = torch.optim.AdamW(model.parameters(), lr=1.0, betas=(run.b1, run.b2), eps=run.eps,
                              weight_decay=run.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(topt, lambda s: float(schedule(s)))
@@ -65,9 +66,9 @@ def bench_train(cfg, run, params, batches, repeats, tdev):
 
     def run_torch():
         for src, tgt_in, tgt_out in tb:
-            with autocast(tdev, cfg.dtype):
+            with autocast(tdev, config.dtype):
                 logits = model(src, tgt_in).float()
-            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, cfg.vocab_size), tgt_out.reshape(-1),
+            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, config.vocab_size), tgt_out.reshape(-1),
                                                      ignore_index=tk.PAD_ID, label_smoothing=run.label_smoothing)
             topt.zero_grad(set_to_none=True)
             loss.backward()
@@ -80,17 +81,17 @@ def bench_train(cfg, run, params, batches, repeats, tdev):
     return tokens / t["jax"], tokens / t["torch"]
 
 
-def bench_translate(cfg, params, tok, sentences, repeats, tdev):
+def bench_translate(config, params, tok, sentences, repeats, tdev):
     """Sentences per second: JAX greedy, JAX beam 4, PyTorch book-style greedy."""
-    jmodel = TranslationPipeline(cfg, params, tok, batch_size=len(sentences))
-    tmodel = from_flax(params, cfg).to(tdev).eval()
-    ids = [i[:cfg.max_len - 1] for i in tk.encode(tok, sentences)]
+    jmodel = TranslationPipeline(config, params, tok, batch_size=len(sentences))
+    tmodel = from_flax(params, config).to(tdev).eval()
+    ids = [i[:config.max_len - 1] for i in tk.encode(tok, sentences)]
     length = max(len(i) for i in ids) + 1
     src = torch.from_numpy(pad_sources(ids, len(ids), length)).long().to(tdev)
-    max_len = output_len(cfg, length)
+    max_len = output_len(config, length)
 
     def run_torch():
-        with autocast(tdev, cfg.dtype):
+        with autocast(tdev, config.dtype):
             return tk.decode(tok, tmodel.greedy_book(src, max_len).cpu().numpy())
 
     fns = {1: lambda: jmodel.translate(sentences, beam_size=1), 4: lambda: jmodel.translate(sentences, beam_size=4),
@@ -104,7 +105,7 @@ def main(argv=None) -> int:
     ap = cli.parser(__doc__)
     ap.add_argument("--model", help="trained model directory (default: random weights, --preset config)")
     ap.add_argument("--preset", default="default", choices=sorted(PRESETS))
-    ap.add_argument("--data", help="fra-eng.zip (default: the fra-eng data set, see train_translator.py)")
+    ap.add_argument("--data", help="fra-eng.zip (default: the fra-eng data set, as for jaxformer train translator)")
     ap.add_argument("--train-batches", type=cli.at_least(1), default=8, help="batches per timed training pass")
     ap.add_argument("--bucket", type=cli.at_least(1), default=16, help="padded length of the training batches")
     ap.add_argument("--sentences", type=cli.at_least(1), default=256)
@@ -125,11 +126,11 @@ def bench(args) -> int:
     splits = tdata.split_pairs(tdata.load_pairs(args.data))
     if args.model:
         loaded = TranslationPipeline.load(args.model)
-        cfg, params, tok = loaded.cfg, loaded.params, loaded.tokenizer
+        config, params, tok = loaded.config, loaded.params, loaded.tokenizer
     else:
-        cfg = preset(args.preset)
-        tok = tk.train_tokenizer([p[i] for p in splits["train"] for i in (0, 1)], cfg.vocab_size)
-        params = init_params(cfg, jax.random.PRNGKey(0))
+        config = preset(args.preset)
+        tok = tk.train_tokenizer([p[i] for p in splits["train"] for i in (0, 1)], config.vocab_size)
+        params = init_params(config, jax.random.PRNGKey(0))
     params = jax.device_get(params)
     if args.model and (Path(args.model) / "run.json").is_file():
         run = TranslatorRunConfig.load(Path(args.model) / "run.json")
@@ -146,15 +147,15 @@ def bench(args) -> int:
     sentences = [p[0] for p in test[::max(1, len(test) // args.sentences)][:args.sentences]]
 
     tdev = "cuda" if jax.devices()[0].platform == "gpu" and torch.cuda.is_available() else "cpu"
-    print(f"config: d_model {cfg.d_model}, layers {cfg.enc_layers}+{cfg.dec_layers}, heads {cfg.n_heads}, "
-          f"d_ff {cfg.d_ff}, vocab {cfg.vocab_size}; weights: {'trained ' + args.model if args.model else 'random'}; "
+    print(f"config: d_model {config.d_model}, layers {config.enc_layers}+{config.dec_layers}, heads {config.n_heads}, "
+          f"d_ff {config.d_ff}, vocab {config.vocab_size}; weights: {'trained ' + args.model if args.model else 'random'}; "
           f"jax {jax.__version__} on {jax.devices()[0].platform}, torch {torch.__version__} on {tdev} "
           f"with {torch.get_num_threads()} threads")
     rows, cases, agreement, (b_rows, b_len) = [], [], {}, batches[0].src.shape
     for dtype in args.dtype:
-        dcfg = cfg.replace(dtype=dtype)
-        jax_tps, torch_tps = bench_train(dcfg, run, params, batches, args.repeats, tdev)
-        sps, agreement[dtype] = bench_translate(dcfg, params, tok, sentences, args.repeats, tdev)
+        dtype_config = config.replace(dtype=dtype)
+        jax_tps, torch_tps = bench_train(dtype_config, run, params, batches, args.repeats, tdev)
+        sps, agreement[dtype] = bench_translate(dtype_config, params, tok, sentences, args.repeats, tdev)
         cases += [
             dict(name=f"train step ({b_rows}x{b_len} batches)", dtype=dtype, jaxformer=jax_tps, pytorch=torch_tps,
                  unit="target tokens/s"),
@@ -171,7 +172,7 @@ def bench(args) -> int:
     print("\n".join(rows))
     print(f"greedy outputs identical to the PyTorch book decoder: {agreement}; timing: {STATISTIC}")
     write_json(args.json, dict(device=device_name(), cases=cases, greedy_agreement=agreement,
-                               config=dataclasses.asdict(cfg), model=args.model))
+                               config=dataclasses.asdict(config), model=args.model))
     return 0
 
 

@@ -33,31 +33,20 @@ def main(argv=None) -> int:
 
 def run(args) -> int:
     import json
-    import math
     from pathlib import Path
 
-    import jax
     import numpy as np
 
     from jaxformer.errors import InputError
     from jaxformer.gpt2 import data as gdata
     from jaxformer.gpt2.generate import generate
-    from jaxformer.gpt2.model import GPT2
     from jaxformer.gpt2.pretrained import load_pretrained
     from jaxformer.gpt2.quantize import to_decoding
-    from jaxformer.nn.losses import cross_entropy
-    from jaxformer.gpt2.tokenizer import GPT2Tokenizer
 
     config, params, tok = load_pretrained(args.model, weights="float", scan_layers=False)
     if args.seq_len > config.n_positions:
         raise InputError(f"--seq-len {args.seq_len} exceeds the model's n_positions={config.n_positions}")
-    if args.data:
-        tokens = gdata.tokenize(tok or GPT2Tokenizer.gpt2(), gdata.read_texts(gdata.resolve_paths(args.data)))
-    elif (Path(args.model) / "data" / "val.npy").is_file():
-        tokens = np.load(Path(args.model) / "data" / "val.npy")
-    else:
-        raise InputError(f"{args.model} is not a training run with data/val.npy: give --data")
-    windows = gdata.Windows(tokens, args.seq_len, "the evaluation text")
+    windows = gdata.Windows(eval_tokens(args, tok), args.seq_len, "the evaluation text")
     n = min(len(windows), args.max_windows or len(windows))
     batches = [windows.take(np.arange(i, min(i + args.batch_size, n))) for i in range(0, n, args.batch_size)]
     prompts = [windows.take(np.asarray([i]))[0, :32].tolist() for i in range(min(args.prompts, n))]
@@ -65,27 +54,70 @@ def run(args) -> int:
     results, greedy = {}, {}
     for kind in args.weights:
         kparams, kconfig = to_decoding(params, config, KINDS[kind])
-        model = GPT2(kconfig)
-
-        @jax.jit
-        def nll(p, w):
-            logits, _ = model.apply({"params": p}, w[:, :-1])
-            total, _, count = cross_entropy(logits, w[:, 1:], np.ones(w[:, 1:].shape, bool))
-            return total, count
-
-        sums = [jax.device_get(nll(kparams, b)) for b in batches]
-        loss = sum(float(t) for t, _ in sums) / sum(float(c) for _, c in sums)
-        results[kind] = dict(loss=loss, perplexity=math.exp(loss), tokens=int(sum(float(c) for _, c in sums)))
+        results[kind] = perplexity(kparams, kconfig, batches)
         if prompts:
             greedy[kind] = generate(kparams, kconfig, prompts, max_new_tokens=args.new_tokens, greedy=True,
                                     stop_at_eos=False)
-    base = results.get("float32")
     print(f"{n} windows of {args.seq_len} tokens; {len(prompts)} prompts x {args.new_tokens} greedy tokens")
+    report(results, greedy)
+    if args.json:
+        Path(args.json).write_text(json.dumps(dict(model=args.model, seq_len=args.seq_len, windows=n,
+                                                   prompts=len(prompts), new_tokens=args.new_tokens,
+                                                   results=results), indent=1) + "\n")
+    return 0
+
+
+def eval_tokens(args, tok):
+    """The evaluation text's tokens: --data, else the training run's validation split."""
+    from pathlib import Path
+
+    import numpy as np
+
+    from jaxformer.errors import InputError
+    from jaxformer.gpt2 import data as gdata
+    from jaxformer.gpt2.tokenizer import GPT2Tokenizer
+
+    if args.data:
+        return gdata.tokenize(tok or GPT2Tokenizer.gpt2(), gdata.read_texts(gdata.resolve_paths(args.data)))
+    if (Path(args.model) / "data" / "val.npy").is_file():
+        return np.load(Path(args.model) / "data" / "val.npy")
+    raise InputError(f"{args.model} is not a training run with data/val.npy: give --data")
+
+
+def perplexity(params, config, batches) -> dict:
+    """Mean next-token cross-entropy over ``batches`` (int32[b, seq_len + 1] windows), its exp, tokens."""
+    import math
+
+    import jax
+    import numpy as np
+
+    from jaxformer.gpt2.model import GPT2
+    from jaxformer.nn.losses import cross_entropy
+
+    model = GPT2(config)
+
+    @jax.jit
+    def nll(p, w):
+        logits, _ = model.apply({"params": p}, w[:, :-1])
+        total, _, count = cross_entropy(logits, w[:, 1:], np.ones(w[:, 1:].shape, bool))
+        return total, count
+
+    sums = [jax.device_get(nll(params, b)) for b in batches]
+    loss = sum(float(t) for t, _ in sums) / sum(float(c) for _, c in sums)
+    return dict(loss=loss, perplexity=math.exp(loss), tokens=int(sum(float(c) for _, c in sums)))
+
+
+def report(results: dict[str, dict], greedy: dict[str, list]) -> None:
+    """Prints a row per kind of weights, adding to its result the perplexity against float32's and
+    the greedy agreement with float32's tokens."""
+    import numpy as np
+
+    base = results.get("float32")
     print(f"{'weights':<10} {'loss':>8} {'perplexity':>11} {'vs float32':>11} {'greedy agreement':>17}")
     for kind, r in results.items():
         if base:
             r["perplexity_vs_float32"] = r["perplexity"] / base["perplexity"] - 1
-        if prompts and "float32" in greedy:
+        if "float32" in greedy:
             agree = []
             for a, b in zip(greedy[kind], greedy["float32"]):
                 same = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), len(b))
@@ -93,8 +125,3 @@ def run(args) -> int:
             r["greedy_agreement"] = float(np.mean(agree))
         print(f"{kind:<10} {r['loss']:>8.4f} {r['perplexity']:>11.3f} "
               f"{r.get('perplexity_vs_float32', 0):>+10.2%} {r.get('greedy_agreement', float('nan')):>17.1%}")
-    if args.json:
-        Path(args.json).write_text(json.dumps(dict(model=args.model, seq_len=args.seq_len, windows=n,
-                                                   prompts=len(prompts), new_tokens=args.new_tokens,
-                                                   results=results), indent=1) + "\n")
-    return 0

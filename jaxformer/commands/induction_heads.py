@@ -32,19 +32,44 @@ def main(argv=None) -> int:
 
 
 def run(args) -> int:
-    import json
-    from pathlib import Path
-
-    import jax
-    import jax.numpy as jnp
     import numpy as np
 
-    from jaxformer.nn import taps
-    from jaxformer.errors import InputError
-    from jaxformer.gpt2.model import GPT2
     from jaxformer.gpt2.pretrained import load_pretrained
 
     config, params, _ = load_pretrained(args.model, scan_layers=False)
+    tokens, text = inputs(args, config)
+    forward = make_forward(config, params, tokens, text)
+    n = args.length
+    first, second, natural, pattern = forward(None)
+    pattern = np.asarray(pattern)  # [L, b, H, 2n, 2n]
+    q = np.arange(n, 2 * n)
+    induction = pattern[:, :, :, q, q - n + 1].mean(axis=(1, 3))  # [L, H]
+    previous = pattern[:, :, :, np.arange(1, 2 * n), np.arange(2 * n - 1)].mean(axis=(1, 3))
+    rows = [("none", [], float(first), float(second), float(natural))]
+    rows += ablations(forward, config, induction, previous, args.top)
+    report(config, induction, previous, rows)
+    if args.out:
+        plot_scores(args.out, config, induction, previous)
+    if args.json:
+        import json
+        from pathlib import Path
+
+        Path(args.json).write_text(json.dumps(dict(
+            length=n, batch=args.batch, induction=induction.round(4).tolist(), previous=previous.round(4).tolist(),
+            ablations=[dict(ablated=name, heads=[f"{a}.{b}" for a, b in heads], loss_first_half=f, loss_second_half=s,
+                            loss_text=None if np.isnan(t) else t) for name, heads, f, s, t in rows]), indent=1) + "\n")
+    return 0
+
+
+def inputs(args, config):
+    """(tokens: int32[batch, 2 * length], the random tokens twice; text: int32[rows, 2 * length + 1]
+    windows of the run's validation split, or None)."""
+    from pathlib import Path
+
+    import numpy as np
+
+    from jaxformer.errors import InputError
+
     if 2 * args.length > config.n_positions:
         raise InputError(f"--length {args.length}: twice it exceeds the model's n_positions={config.n_positions}")
     data = Path(args.model) / "data"
@@ -64,6 +89,19 @@ def run(args) -> int:
         rows = min(8, (len(val) - 1) // (2 * n))
         text = val[:rows * 2 * n + 1]
         text = np.stack([text[i * 2 * n:(i + 1) * 2 * n + 1] for i in range(rows)]).astype(np.int32) if rows else None
+    return tokens, text
+
+
+def make_forward(config, params, tokens, text):
+    """``forward(edits) -> (loss on the first half, on the second half, on the text (NaN without),
+    attention patterns float[L, b, H, 2n, 2n])``, jitted."""
+    import jax
+    import jax.numpy as jnp
+
+    from jaxformer.gpt2.model import GPT2
+    from jaxformer.nn import taps
+
+    n = tokens.shape[1] // 2
 
     def nll(edits, x):
         logits, got = taps.apply(GPT2(config), params, x[:, :2 * n], edits=edits, capture="h/attn/pattern")
@@ -76,21 +114,29 @@ def run(args) -> int:
         natural = nll(edits, text)[0].mean() if text is not None else jnp.nan
         return loss[:, :n - 1].mean(), loss[:, n:].mean(), natural, pattern  # first half, second half
 
-    first, second, natural, pattern = forward(None)
-    pattern = np.asarray(pattern)  # [L, b, H, 2n, 2n]
-    q = np.arange(n, 2 * n)
-    induction = pattern[:, :, :, q, q - n + 1].mean(axis=(1, 3))  # [L, H]
-    previous = pattern[:, :, :, np.arange(1, 2 * n), np.arange(2 * n - 1)].mean(axis=(1, 3))
+    return forward
+
+
+def ablations(forward, config, induction, previous, top: int) -> list[tuple]:
+    """(name, heads, losses on the first half, second half, text) with the ``top`` induction heads,
+    previous-token heads, and lowest-scoring other heads ablated."""
+    import numpy as np
+
+    from jaxformer.nn import taps
+
     def ranked(score):
         return [tuple(int(x) for x in np.unravel_index(i, score.shape)) for i in np.argsort(-score, axis=None)]
-    top_induction, top_previous = ranked(induction)[:args.top], ranked(previous)[:args.top]
+    top_induction, top_previous = ranked(induction)[:top], ranked(previous)[:top]
     lowest = [h for h in ranked(-np.maximum(induction, previous)) if h not in top_induction + top_previous]
-    rows = [("none", [], float(first), float(second), float(natural))]
+    rows = []
     for name, heads in (("top induction heads", top_induction), ("top previous-token heads", top_previous),
-                        ("lowest-scoring other heads", lowest[:args.top])):
+                        ("lowest-scoring other heads", lowest[:top])):
         f, s, t, _ = forward(taps.ablate_heads(config.n_layer, config.n_head, heads))
         rows.append((name, heads, float(f), float(s), float(t)))
+    return rows
 
+
+def report(config, induction, previous, rows: list[tuple]) -> None:
     print(f"{'layer.head':>10} {'induction':>10} {'previous-token':>15}")
     for layer in range(config.n_layer):
         for head in range(config.n_head):
@@ -98,26 +144,26 @@ def run(args) -> int:
     print(f"\n{'ablated':<26} {'heads':<16} {'loss, 1st half':>15} {'loss, 2nd half':>15} {'loss, text':>11}")
     for name, heads, f, s, t in rows:
         print(f"{name:<26} {' '.join(f'{a}.{b}' for a, b in heads) or '-':<16} {f:>15.3f} {s:>15.3f} {t:>11.3f}")
-    if args.out:
-        import matplotlib
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
 
-        Path(args.out).mkdir(parents=True, exist_ok=True)
-        fig, axes = plt.subplots(1, 2, figsize=(2.2 + 1.1 * config.n_head, 1.8 + 0.5 * config.n_layer))
-        for ax, score, title in zip(axes, (induction, previous), ("induction score", "previous-token score")):
-            im = ax.imshow(score, cmap="magma", vmin=0, vmax=1)
-            ax.set(xlabel="head", ylabel="layer", title=title, xticks=range(config.n_head), yticks=range(config.n_layer))
-            for (layer, head), v in np.ndenumerate(score):
-                ax.text(head, layer, f"{v:.2f}", ha="center", va="center", color="white" if v < 0.6 else "black",
-                        fontsize=8)
-        fig.colorbar(im, ax=axes, shrink=0.8)
-        fig.savefig(Path(args.out) / "scores.png", dpi=110, bbox_inches="tight")
-        print(f"wrote {Path(args.out) / 'scores.png'}")
-    if args.json:
-        Path(args.json).write_text(json.dumps(dict(
-            length=n, batch=args.batch, induction=induction.round(4).tolist(), previous=previous.round(4).tolist(),
-            ablations=[dict(ablated=name, heads=[f"{a}.{b}" for a, b in heads], loss_first_half=f, loss_second_half=s,
-                            loss_text=None if np.isnan(t) else t) for name, heads, f, s, t in rows]), indent=1) + "\n")
-    return 0
+def plot_scores(out: str, config, induction, previous) -> None:
+    """OUT/scores.png: the two scores as layer x head heatmaps."""
+    from pathlib import Path
+
+    import matplotlib
+    import numpy as np
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    Path(out).mkdir(parents=True, exist_ok=True)
+    fig, axes = plt.subplots(1, 2, figsize=(2.2 + 1.1 * config.n_head, 1.8 + 0.5 * config.n_layer))
+    for ax, score, title in zip(axes, (induction, previous), ("induction score", "previous-token score")):
+        im = ax.imshow(score, cmap="magma", vmin=0, vmax=1)
+        ax.set(xlabel="head", ylabel="layer", title=title, xticks=range(config.n_head), yticks=range(config.n_layer))
+        for (layer, head), v in np.ndenumerate(score):
+            ax.text(head, layer, f"{v:.2f}", ha="center", va="center", color="white" if v < 0.6 else "black",
+                    fontsize=8)
+    fig.colorbar(im, ax=axes, shrink=0.8)
+    fig.savefig(Path(out) / "scores.png", dpi=110, bbox_inches="tight")
+    print(f"wrote {Path(out) / 'scores.png'}")
