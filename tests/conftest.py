@@ -78,7 +78,7 @@ def gpt2_tokenizer_dir(data_root) -> Path:
 
 @pytest.fixture(scope="session")
 def translator_dir(tmp_path_factory):
-    """A translator model directory as train_translator.py writes it (random tiny weights)."""
+    """A translator model directory as `jaxformer train translator` writes it (random tiny weights)."""
     import jax
 
     from jaxformer.train.checkpoints import save_pytree
@@ -87,10 +87,10 @@ def translator_dir(tmp_path_factory):
     from jaxformer.translator.model import init_params
 
     d = tmp_path_factory.mktemp("translator")
-    cfg = preset("tiny")
-    cfg.save(d / "config.json")
-    tk.train_tokenizer(["Hello world.", "Bonjour le monde."] * 10, cfg.vocab_size).save(str(d / "tokenizer.json"))
-    save_pytree(d / "best", init_params(cfg, jax.random.key(0)))
+    config = preset("tiny")
+    config.save(d / "config.json")
+    tk.train_tokenizer(["Hello world.", "Bonjour le monde."] * 10, config.vocab_size).save(str(d / "tokenizer.json"))
+    save_pytree(d / "best", init_params(config, jax.random.key(0)))
     return d
 
 

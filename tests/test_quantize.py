@@ -76,23 +76,22 @@ def test_low_precision_logits_and_greedy_tokens_track_float32(hf_dir):
 
 @pytest.mark.slow
 def test_quantized_checkpoints_save_load_and_convert(hf_dir, tmp_path, capsys):
-    import convert_gpt2
-    import generate as generate_script
-
+    from jaxformer.commands import main as jaxformer_main
     from jaxformer.gpt2.tokenizer import GPT2_DIR
     path, model = hf_dir("tiny")
-    assert convert_gpt2.main([str(path), str(tmp_path / "q8"), "--quantize", "int8", "--tokenizer", str(GPT2_DIR)]) == 0
+    q8 = tmp_path / "q8"
+    assert jaxformer_main(["convert", path, q8, "--quantize", "int8", "--tokenizer", GPT2_DIR]) == 0
     assert "int8 weights" in capsys.readouterr().out
-    config, params, _ = load_pretrained(tmp_path / "q8")
+    config, params, _ = load_pretrained(q8)
     assert config.weights == "int8" and params["h"]["mlp"]["c_fc"]["kernel"].dtype == np.int8
     direct_config, direct, _ = load_pretrained(path, weights="int8")
     jax.tree.map(np.testing.assert_array_equal, params, direct)
-    assert generate_script.main(["--model", str(tmp_path / "q8"), "--prompt", "a b c", "--max-new-tokens", "4",
-                                 "--greedy", "--json"]) == 0
+    assert jaxformer_main(["generate", "--model", q8, "--prompt", "a b c", "--max-new-tokens", 4, "--greedy",
+                           "--json"]) == 0
     row = json.loads(capsys.readouterr().out)
     assert row["token_ids"] == generate(direct, direct_config, [[64, 275, 269]], max_new_tokens=4, greedy=True)[0]
     # back to Hugging Face: the dequantized weights
-    assert convert_gpt2.main(["--to-hf", str(tmp_path / "q8"), str(tmp_path / "hf")]) == 0
+    assert jaxformer_main(["convert", "--to-hf", q8, tmp_path / "hf"]) == 0
     back = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "hf").eval()
     fconfig, fparams = to_float(params, config)[::-1]
     ids = np.arange(10)[None]

@@ -106,14 +106,17 @@ def test_patching_the_whole_residual_stream_reproduces_the_other_run(hf_dir):
     a, b = ids_for(config, (2, 11), seed=3), ids_for(config, (2, 11), seed=4)
     logits_a, cap = taps.apply(GPT2(config), params, a, capture="h/resid_pre")
     logits_b, _ = taps.apply(GPT2(config), params, b, edits=taps.patch(cap["h/resid_pre"], 0))
-    np.testing.assert_array_equal(logits_b[0], logits_a[0])
-    # a steering vector per batch row equals each row run alone
+    # Two programs: run a captures (attention probabilities computed explicitly), run b does not (the
+    # fused kernel), and XLA may reassociate float32 sums differently in each (3.3e-6 seen on an
+    # AVX-512 CPU): equal within float32 rounding, not bit for bit.
+    np.testing.assert_allclose(logits_b[0], logits_a[0], rtol=1e-5, atol=1e-5)
+    # a steering vector per batch row equals each row run alone (batch 2 and batch 1: two programs)
     v = np.random.RandomState(5).normal(size=(2, 1, config.n_embd)).astype(np.float32)
     add = jnp.zeros((config.n_layer, 2, 1, config.n_embd)).at[1].set(v)
     both, _ = taps.apply(GPT2(config), params, a, edits={"h/resid_mid": {"add": add}})
     for r in range(2):
         alone, _ = taps.apply(GPT2(config), params, a[r:r + 1], edits={"h/resid_mid": {"add": add[:, r:r + 1]}})
-        np.testing.assert_allclose(both[0][r], alone[0][0], atol=1e-6)
+        np.testing.assert_allclose(both[0][r], alone[0][0], rtol=1e-5, atol=1e-5)
 
 
 def test_generation_with_an_ablated_head_matches_hf_generate(hf_dir):
@@ -196,7 +199,7 @@ def torch_taps(model, src, tgt, zero_heads=()):
             pre, post = weights(name)
             handles += [mha.register_forward_pre_hook(pre, with_kwargs=True), mha.register_forward_hook(post)]
     saved = []
-    d = model.cfg.head_dim
+    d = model.config.head_dim
     for mha, head in zero_heads:
         saved.append((mha, mha.out_proj.weight.data.clone()))
         mha.out_proj.weight.data[:, head * d:(head + 1) * d] = 0
@@ -219,12 +222,12 @@ def batch():
 @pytest.mark.parametrize("pre_ln, tie", [(True, True), (False, False)])
 @pytest.mark.slow
 def test_translator_layers_and_attention_match_the_torch_twin(pre_ln, tie):
-    cfg = preset("tiny").replace(dropout=0.0, pre_ln=pre_ln, tie_embeddings=tie)
-    params = init_params(cfg, jax.random.key(3))
+    config = preset("tiny").replace(dropout=0.0, pre_ln=pre_ln, tie_embeddings=tie)
+    params = init_params(config, jax.random.key(3))
     src, tgt = batch()
     names = ("enc/resid_post", "dec/resid_post", "enc/attn/pattern", "dec/self_attn/pattern", "dec/cross_attn/pattern")
-    logits, got = taps.apply(Translator(cfg), params, src, tgt, capture=names)
-    want_logits, want = torch_taps(from_flax(params, cfg).eval(), src, tgt)
+    logits, got = taps.apply(Translator(config), params, src, tgt, capture=names)
+    want_logits, want = torch_taps(from_flax(params, config).eval(), src, tgt)
     np.testing.assert_allclose(logits, want_logits, atol=1e-4, rtol=0)
     for name in names:
         a, b = np.asarray(got[name]), want[name]
@@ -234,16 +237,16 @@ def test_translator_layers_and_attention_match_the_torch_twin(pre_ln, tie):
 
 
 def test_translator_head_ablation_matches_zeroed_torch_columns():
-    cfg = preset("tiny").replace(dropout=0.0)
-    params = init_params(cfg, jax.random.key(4))
+    config = preset("tiny").replace(dropout=0.0)
+    params = init_params(config, jax.random.key(4))
     src, tgt = batch()
-    edits = taps.merge(taps.ablate_heads(cfg.enc_layers, cfg.n_heads, [(0, 1)], site="enc/attn/z"),
-                       taps.ablate_heads(cfg.dec_layers, cfg.n_heads, [(1, 3)], site="dec/cross_attn/z"))
-    logits, _ = taps.apply(Translator(cfg), params, src, tgt, edits=edits)
-    model = from_flax(params, cfg).eval()
+    edits = taps.merge(taps.ablate_heads(config.enc_layers, config.n_heads, [(0, 1)], site="enc/attn/z"),
+                       taps.ablate_heads(config.dec_layers, config.n_heads, [(1, 3)], site="dec/cross_attn/z"))
+    logits, _ = taps.apply(Translator(config), params, src, tgt, edits=edits)
+    model = from_flax(params, config).eval()
     tr = model.transformer
     want, _ = torch_taps(model, src, tgt, [(tr.encoder.layers[0].self_attn, 1), (tr.decoder.layers[1].multihead_attn, 3)])
-    plain, _ = taps.apply(Translator(cfg), params, src, tgt)
+    plain, _ = taps.apply(Translator(config), params, src, tgt)
     np.testing.assert_allclose(logits, want, atol=1e-4, rtol=0)
     assert np.abs(np.asarray(logits) - np.asarray(plain)).max() > 1e-2
 
@@ -258,14 +261,14 @@ def test_translation_with_edits_equals_the_edited_greedy_loop(translator_dir):
     from jaxformer.translator.translate import MAX_OUT_EXTRA, MAX_OUT_RATIO, TranslationPipeline, output_len, source_lengths
 
     model = TranslationPipeline.load(translator_dir)
-    cfg = model.cfg
-    edits = taps.ablate_heads(cfg.dec_layers, cfg.n_heads, [(0, 1), (1, 0)], site="dec/cross_attn/z")
+    config = model.config
+    edits = taps.ablate_heads(config.dec_layers, config.n_heads, [(0, 1), (1, 0)], site="dec/cross_attn/z")
     got = model.translate(["Hello world."], beam_size=1, edits=edits)[0]
     src = np.asarray([list(tk.encode(model.tokenizer, ["Hello world."])[0]) + [tk.EOS_ID]], np.int32)
-    forward = jax.jit(lambda t: taps.apply(Translator(cfg), model.params, src, t, edits=edits)[0])
+    forward = jax.jit(lambda t: taps.apply(Translator(config), model.params, src, t, edits=edits)[0])
     seq = [tk.BOS_ID]
-    bucket = next(n for n in source_lengths(cfg.max_len) if n >= src.shape[1])
-    limit = min(math.ceil(MAX_OUT_RATIO * src.shape[1]) + MAX_OUT_EXTRA, output_len(cfg, bucket))
+    bucket = next(n for n in source_lengths(config.max_len) if n >= src.shape[1])
+    limit = min(math.ceil(MAX_OUT_RATIO * src.shape[1]) + MAX_OUT_EXTRA, output_len(config, bucket))
     for _ in range(limit):  # the prefix padded to one length (causal: the padding is never seen)
         padded = np.full((1, limit + 1), tk.PAD_ID, np.int32)
         padded[0, :len(seq)] = seq
@@ -279,16 +282,15 @@ def test_translation_with_edits_equals_the_edited_greedy_loop(translator_dir):
 @pytest.mark.slow
 def test_capture_script_matches_hf(hf_dir, capsys, tmp_path):
     """``jaxformer capture`` on a Hugging Face directory, with and without an ablated head."""
-    import capture
-
+    from jaxformer.commands import main as jaxformer_main
     from jaxformer.gpt2.tokenizer import GPT2_DIR, GPT2Tokenizer
     path, model = hf_dir("tiny")
     prompt = "a b c d e"  # GPT-2 ids below the tiny model's 1000-token vocabulary
     ids = np.asarray([GPT2Tokenizer.gpt2().encode(prompt)])
     for ablate, hooks in (([], []), (["--ablate", "1.2"], [(1, head_hook(2, 16))])):
         out = tmp_path / f"acts{len(ablate)}.npz"
-        assert capture.main(["--model", str(path), "--tokenizer", str(GPT2_DIR), "--prompt", prompt,
-                             "--out", str(out), *ablate]) == 0
+        assert jaxformer_main(["capture", "--model", path, "--tokenizer", GPT2_DIR, "--prompt", prompt,
+                               "--out", out, *ablate]) == 0
         got = np.load(out)
         logits, hidden, attentions = hf_outputs(model, ids, hooks)
         assert got["token_ids"].tolist() == ids[0].tolist() and got["logits"].dtype == np.float32
@@ -303,21 +305,20 @@ def test_capture_script_matches_hf(hf_dir, capsys, tmp_path):
 def test_attention_map_and_induction_scripts_write_pictures(hf_dir, translator_dir, tmp_path):
     import json
 
-    import attention_map
-    import induction_heads
-
+    from jaxformer.commands import main as jaxformer_main
     from jaxformer.gpt2.tokenizer import GPT2_DIR
     path, _ = hf_dir("tiny")
-    assert attention_map.main(["--model", str(translator_dir), "--text", "Hello world.", "--out", str(tmp_path / "t")]) == 0
+    assert jaxformer_main(["attention-map", "--model", translator_dir, "--text", "Hello world.",
+                           "--out", tmp_path / "t"]) == 0
     assert sorted(p.name for p in (tmp_path / "t").iterdir()) == ["cross_layer0.png", "cross_layer1.png",
                                                                    "cross_layers.png"]
-    assert attention_map.main(["--model", str(path), "--tokenizer", str(GPT2_DIR), "--prompt", "a b c d",
-                               "--out", str(tmp_path / "g")]) == 0
+    assert jaxformer_main(["attention-map", "--model", path, "--tokenizer", GPT2_DIR, "--prompt", "a b c d",
+                           "--out", tmp_path / "g"]) == 0
     assert sorted(p.name for p in (tmp_path / "g").iterdir()) == ["logit_lens.png", "self_layer0.png", "self_layer1.png",
                                                                    "self_layer2.png", "self_layers.png"]
     assert all(p.stat().st_size > 5000 for p in (tmp_path / "g").iterdir())
-    assert induction_heads.main(["--model", str(path), "--length", "20", "--batch", "4", "--out", str(tmp_path / "h"),
-                                 "--json", str(tmp_path / "h.json")]) == 0
+    assert jaxformer_main(["induction-heads", "--model", path, "--length", 20, "--batch", 4, "--out", tmp_path / "h",
+                           "--json", tmp_path / "h.json"]) == 0
     scores = json.loads((tmp_path / "h.json").read_text())
     assert np.asarray(scores["induction"]).shape == (3, 4)
     assert [a["ablated"] for a in scores["ablations"]] == ["none", "top induction heads", "top previous-token heads",
@@ -341,7 +342,9 @@ def test_logit_lens_ends_at_the_model_output_and_figures_draw(tmp_path):
     p = np.exp(logits - logits.max(-1, keepdims=True))
     p /= p.sum(-1, keepdims=True)
     assert top.shape == (config.n_layer + 1, 1, 9)
-    np.testing.assert_array_equal(top[-1], p.argmax(-1))
+    # The lens and the model are two programs: their argmax may differ only between tokens whose
+    # probabilities tie within float32 rounding, so the lens's top token must be (one of) the model's.
+    np.testing.assert_allclose(np.take_along_axis(p, np.asarray(top[-1])[..., None], -1)[..., 0], p.max(-1), rtol=1e-5)
     np.testing.assert_allclose(prob[-1], p.max(-1), rtol=1e-5)
     got = hf_outputs(params, tokens, config=config)
     np.testing.assert_allclose(got["logits"], logits, atol=1e-5)

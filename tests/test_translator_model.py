@@ -26,12 +26,12 @@ def test_sinusoidal_matches_float64_formula():
 
 @pytest.mark.parametrize("pre_ln,tie,act", [(True, True, "relu"), (False, False, "gelu"), (True, False, "relu")])
 def test_logits_match_torch_transformer(pre_ln, tie, act):
-    cfg = preset("tiny").replace(pre_ln=pre_ln, tie_embeddings=tie, activation=act)
-    params = init_params(cfg, jax.random.PRNGKey(1))
-    ours = np.asarray(Translator(cfg).apply({"params": params}, SRC, TGT))
+    config = preset("tiny").replace(pre_ln=pre_ln, tie_embeddings=tie, activation=act)
+    params = init_params(config, jax.random.PRNGKey(1))
+    ours = np.asarray(Translator(config).apply({"params": params}, SRC, TGT))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        ref_model = from_flax(params, cfg).eval()
+        ref_model = from_flax(params, config).eval()
         with torch.no_grad():
             ref = ref_model(torch.tensor(SRC), torch.tensor(TGT)).numpy()
     valid = TGT != 0
@@ -40,9 +40,9 @@ def test_logits_match_torch_transformer(pre_ln, tie, act):
 
 @pytest.mark.slow
 def test_cached_steps_equal_full_forward_and_padding_is_inert():
-    cfg = preset("tiny")
-    params = init_params(cfg, jax.random.PRNGKey(2))
-    model = Translator(cfg)
+    config = preset("tiny")
+    params = init_params(config, jax.random.PRNGKey(2))
+    model = Translator(config)
     full = np.asarray(model.apply({"params": params}, SRC, TGT))
     cache = model.apply({"params": params}, SRC, 8, method=model.init_cache)
     for t in range(TGT.shape[1]):

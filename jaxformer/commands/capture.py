@@ -6,7 +6,7 @@ Writes float32 arrays (batch dimension dropped): ``token_ids`` [t] (int32), ``lo
 ``hidden_states`` [n_layer + 1, t, n_embd] (entry 0: the embedding sum; the last: after the final
 LayerNorm, as ``output_hidden_states``) and ``attentions`` [n_layer, n_head, t, t] (probabilities,
 as ``output_attentions``). ``--ablate L.H`` zeroes head H of layer L (its slice of the input to the
-attention output projection); every array then reflects the ablation. DIR as generate.py takes it.
+attention output projection); every array then reflects the ablation. DIR as `jaxformer generate` takes it.
 """
 
 from jaxformer.commands import cli

@@ -2,7 +2,7 @@
 
     jaxformer eval translator --model runs/tr --src runs/tr/data/test.en --ref runs/tr/data/test.fr --beam 4
 
-train_translator.py writes the held-out split to OUT/data/test.{en,fr}.
+`jaxformer train translator` writes the held-out split to OUT/data/test.{en,fr}.
 """
 
 import json

@@ -15,7 +15,7 @@ from jaxformer.commands import cli
 
 def main(argv=None) -> int:
     ap = cli.parser(__doc__, "jaxformer translate")
-    ap.add_argument("--model", required=True, help="output directory of train_translator.py")
+    ap.add_argument("--model", required=True, help="output directory of `jaxformer train translator`")
     ap.add_argument("--beam", type=cli.at_least(1), default=4, help="beam size; 1 = greedy")
     ap.add_argument("--length-alpha", type=cli.number_in(0, 10), default=0.6, help="GNMT length penalty exponent")
     ap.add_argument("--batch-size", type=cli.at_least(1), default=64, help="sentences decoded together")

@@ -94,7 +94,7 @@ class GPT2Config(Config):
     def load(cls, path: str | Path, ignore: tuple[str, ...] = ()) -> "GPT2Config":
         d = read_json(path)
         if isinstance(d, dict) and "d_model" in d:
-            raise InputError(f"{path}: a translator's config, not GPT-2's (use translate.py with this model)")
+            raise InputError(f"{path}: a translator's config, not GPT-2's (use `jaxformer translate` with this model)")
         if isinstance(d, dict) and "model_type" in d:
             raise InputError(f"{path}: a Hugging Face config.json; pass its directory as the model instead")
         return cls.from_dict(d, str(path), ignore)

@@ -15,7 +15,7 @@ import numpy as np
 from jaxformer.config import read_json
 from jaxformer.errors import CheckpointError
 from jaxformer.gpt2.config import GPT2Config
-from jaxformer.gpt2.model import init_params, stack_layers, unstack_layers
+from jaxformer.gpt2.model import init_params, stack_layer_params, unstack_layer_params
 from jaxformer.gpt2.quantize import to_float
 
 # HF key (below "transformer.") -> path in the params tree. One table per direction is this table.
@@ -154,7 +154,7 @@ def hf_to_params(state: dict[str, np.ndarray], config: GPT2Config):
     unexpected = sorted(k for k in state if k not in used and not k.endswith(BUFFERS))
     if unexpected:
         raise CheckpointError(f"unexpected keys in the checkpoint: {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}")
-    return params if config.scan_layers else unstack_layers(params, config.n_layer)
+    return params if config.scan_layers else unstack_layer_params(params, config.n_layer)
 
 
 def load_hf(src: str | Path, **config_overrides) -> tuple[GPT2Config, dict]:
@@ -171,7 +171,7 @@ def params_to_hf(params, config: GPT2Config) -> dict[str, np.ndarray]:
     Low-precision decoding weights are converted back to float32 first."""
     params, config = to_float(params, config)
     if not config.scan_layers:
-        params = stack_layers(params, config.n_layer)
+        params = stack_layer_params(params, config.n_layer)
 
     def get(path):
         node = params

@@ -21,7 +21,8 @@ def hf_outputs(params, tokens, edits=None, *, config: GPT2Config) -> dict:
     if edits is not None:
         variables[taps.EDITS] = taps.edits_tree(edits, params)
     (logits, _), state = model.apply(variables, tokens, mutable=[taps.CAPTURE])
-    got = taps.select(taps.stack_layers(taps.flatten(state[taps.CAPTURE])), ("h/resid_pre", "ln_final", "h/attn/pattern"))
+    got = taps.select(taps.stack_captures(taps.flatten(state[taps.CAPTURE])),
+                      ("h/resid_pre", "ln_final", "h/attn/pattern"))
     hidden = jnp.concatenate([got["h/resid_pre"], got["ln_final"][None]])
     return dict(logits=logits, hidden_states=hidden, attentions=got["h/attn/pattern"])
 
@@ -34,7 +35,8 @@ def logit_lens(params, tokens, *, config: GPT2Config):
     _, got = taps.apply(GPT2(config), params, tokens, capture=("h/resid_pre", "h/resid_post"))
     streams = jnp.concatenate([got["h/resid_pre"], got["h/resid_post"][-1:]]).astype(jnp.float32)  # [L+1, b, t, D]
     mean = streams.mean(-1, keepdims=True)
-    normed = (streams - mean) * jax.lax.rsqrt(((streams - mean) ** 2).mean(-1, keepdims=True) + config.layer_norm_epsilon)
+    var = ((streams - mean) ** 2).mean(-1, keepdims=True)
+    normed = (streams - mean) * jax.lax.rsqrt(var + config.layer_norm_epsilon)
     normed = normed * params["ln_f"]["scale"] + params["ln_f"]["bias"]
     head = params["wte"]["embedding"] if config.tie_word_embeddings else params["lm_head"].T  # [V, D]
     probs = jax.nn.softmax(jnp.einsum("lbtd,vd->lbtv", normed, head.astype(jnp.float32)), axis=-1)

@@ -8,7 +8,7 @@ Params (``L`` = n_layer, stacked by ``nn.scan`` so compile time does not grow wi
     h/mlp/c_fc {kernel [L, D, F], bias [L, F]}         h/mlp/c_proj {kernel [L, F, D], bias [L, D]}
 
 With ``config.scan_layers=False`` the same block params sit unstacked under ``h_0 .. h_{L-1}``
-(:func:`unstack_layers` / :func:`stack_layers` convert). The KV cache is a
+(:func:`unstack_layer_params` / :func:`stack_layer_params` convert). The KV cache is a
 :class:`~jaxformer.nn.attention.KVCache` with leaves ``[L, batch, heads, max_len, head_dim]``.
 
 Taps (:mod:`jaxformer.nn.taps`; captured and edited by name, layers stacked, shapes per layer)::
@@ -36,18 +36,18 @@ from jaxformer.gpt2.quantize import LowPrecisionDense, LowPrecisionEmbed
 from jaxformer.nn.taps import CAPTURE, EDITS, tap, tapped
 
 
-def _dense(cfg: GPT2Config, features: int, name: str, std: float | None = None):
-    if cfg.weights != "float":
-        return LowPrecisionDense(features, cfg.weights, name=name)
+def _dense(config: GPT2Config, features: int, name: str, std: float | None = None):
+    if config.weights != "float":
+        return LowPrecisionDense(features, config.weights, name=name)
     return nn.Dense(
-        features, name=name, dtype=cfg.compute_dtype, param_dtype=jnp.dtype(cfg.param_dtype),
-        kernel_init=nn.initializers.normal(std or cfg.initializer_range),
+        features, name=name, dtype=config.compute_dtype, param_dtype=jnp.dtype(config.param_dtype),
+        kernel_init=nn.initializers.normal(std or config.initializer_range),
     )
 
 
-def _layer_norm(cfg: GPT2Config, name: str):
-    return nn.LayerNorm(epsilon=cfg.layer_norm_epsilon, dtype=cfg.compute_dtype,
-                        param_dtype=jnp.dtype(cfg.param_dtype), name=name)
+def _layer_norm(config: GPT2Config, name: str):
+    return nn.LayerNorm(epsilon=config.layer_norm_epsilon, dtype=config.compute_dtype,
+                        param_dtype=jnp.dtype(config.param_dtype), name=name)
 
 
 class CausalSelfAttention(nn.Module):
@@ -59,10 +59,10 @@ class CausalSelfAttention(nn.Module):
         """x: [b, t, D]; mask: bool[b, 1, t, kv_len], or None for plain causal attention without a
         cache; cache: stacked over layers, this layer's slots are written at ``index``. Returns
         ([b, t, D], updated cache)."""
-        cfg = self.config
+        config = self.config
         b, t, _ = x.shape
-        qkv = _dense(cfg, 3 * cfg.n_embd, "c_attn")(x)
-        q, k, v = (tap(self, n, a.reshape(b, t, cfg.n_head, cfg.head_dim))
+        qkv = _dense(config, 3 * config.n_embd, "c_attn")(x)
+        q, k, v = (tap(self, n, a.reshape(b, t, config.n_head, config.head_dim))
                    for n, a in zip("qkv", jnp.split(qkv, 3, axis=-1)))
         # Training and a prefill from slot 0 attend over their own keys; decoding steps over the cache.
         fresh = cache is None or (t > 1 and isinstance(index, int) and index == 0)
@@ -72,19 +72,19 @@ class CausalSelfAttention(nn.Module):
                 mask = mask[..., :t]
             else:
                 k, v = (a[:b].astype(q.dtype) for a in cache.layer(layer_idx))
-        scale = cfg.head_dim**-0.5 if cfg.scale_attn_weights else 1.0
-        if cfg.scale_attn_by_inverse_layer_idx:
+        scale = config.head_dim**-0.5 if config.scale_attn_weights else 1.0
+        if config.scale_attn_by_inverse_layer_idx:
             scale = scale / (layer_idx + 1)  # traced under nn.scan
         dropout = None
-        if not self.deterministic and cfg.attn_pdrop > 0:
-            dropout = lambda p: nn.Dropout(cfg.attn_pdrop)(p, deterministic=False)  # noqa: E731
+        if not self.deterministic and config.attn_pdrop > 0:
+            dropout = lambda p: nn.Dropout(config.attn_pdrop)(p, deterministic=False)  # noqa: E731
         probs_fn = (lambda p: tap(self, "pattern", p)) if tapped(self, "pattern") else None
-        y = dot_product_attention(q, k, v, mask, scale=scale, upcast_qk=cfg.reorder_and_upcast_attn,
+        y = dot_product_attention(q, k, v, mask, scale=scale, upcast_qk=config.reorder_and_upcast_attn,
                                   dropout_fn=dropout, probs_fn=probs_fn, heads_major=not fresh)
         y = tap(self, "z", y)
-        std = cfg.initializer_range / math.sqrt(2 * cfg.n_layer)
-        y = _dense(cfg, cfg.n_embd, "c_proj", std)(y.reshape(b, t, cfg.n_embd))
-        return nn.Dropout(cfg.resid_pdrop)(y, deterministic=self.deterministic), cache
+        std = config.initializer_range / math.sqrt(2 * config.n_layer)
+        y = _dense(config, config.n_embd, "c_proj", std)(y.reshape(b, t, config.n_embd))
+        return nn.Dropout(config.resid_pdrop)(y, deterministic=self.deterministic), cache
 
 
 class MLP(nn.Module):
@@ -93,10 +93,10 @@ class MLP(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        cfg = self.config
-        h = tap(self, "post", activation(cfg.activation_function)(_dense(cfg, cfg.inner_dim, "c_fc")(x)))
-        y = _dense(cfg, cfg.n_embd, "c_proj", cfg.initializer_range / math.sqrt(2 * cfg.n_layer))(h)
-        return nn.Dropout(cfg.resid_pdrop)(y, deterministic=self.deterministic)
+        config = self.config
+        h = tap(self, "post", activation(config.activation_function)(_dense(config, config.inner_dim, "c_fc")(x)))
+        y = _dense(config, config.n_embd, "c_proj", config.initializer_range / math.sqrt(2 * config.n_layer))(h)
+        return nn.Dropout(config.resid_pdrop)(y, deterministic=self.deterministic)
 
 
 class Block(nn.Module):
@@ -111,12 +111,14 @@ class Block(nn.Module):
 
     @nn.compact
     def __call__(self, carry, layer_idx, mask, index):
-        cfg, det = self.config, self.deterministic
+        config, det = self.config, self.deterministic
         x, cache = carry
         x = tap(self, "resid_pre", x)
-        y, cache = CausalSelfAttention(cfg, det, name="attn")(_layer_norm(cfg, "ln_1")(x), mask, layer_idx, cache, index)
+        h = _layer_norm(config, "ln_1")(x)
+        y, cache = CausalSelfAttention(config, det, name="attn")(h, mask, layer_idx, cache, index)
         x = tap(self, "resid_mid", x + tap(self, "attn_out", y))
-        x = tap(self, "resid_post", x + tap(self, "mlp_out", MLP(cfg, det, name="mlp")(_layer_norm(cfg, "ln_2")(x))))
+        y = MLP(config, det, name="mlp")(_layer_norm(config, "ln_2")(x))
+        x = tap(self, "resid_post", x + tap(self, "mlp_out", y))
         return (x, cache), None
 
 
@@ -141,7 +143,7 @@ class GPT2(nn.Module):
           token of a right-padded prompt).
         Returns (float32[b, t or 1, V], cache or None).
         """
-        cfg = self.config
+        config = self.config
         b, t = tokens.shape
         if positions is None:
             positions = jnp.broadcast_to(index + jnp.arange(t), (b, t))
@@ -153,50 +155,50 @@ class GPT2(nn.Module):
             mask = causal_mask(key_valid, t, index)
 
         emb = lambda n, name: nn.Embed(  # noqa: E731
-            n, cfg.n_embd, name=name, dtype=cfg.compute_dtype, param_dtype=jnp.dtype(cfg.param_dtype),
-            embedding_init=nn.initializers.normal(cfg.initializer_range))
-        wte = emb(cfg.vocab_size, "wte") if cfg.weights == "float" else \
-            LowPrecisionEmbed(cfg.vocab_size, cfg.n_embd, cfg.weights, name="wte")
-        x = tap(self, "embed", wte(tokens)) + tap(self, "pos_embed", emb(cfg.n_positions, "wpe")(positions))
-        x = nn.Dropout(cfg.embd_pdrop)(x, deterministic=self.deterministic)
+            n, config.n_embd, name=name, dtype=config.compute_dtype, param_dtype=jnp.dtype(config.param_dtype),
+            embedding_init=nn.initializers.normal(config.initializer_range))
+        wte = emb(config.vocab_size, "wte") if config.weights == "float" else \
+            LowPrecisionEmbed(config.vocab_size, config.n_embd, config.weights, name="wte")
+        x = tap(self, "embed", wte(tokens)) + tap(self, "pos_embed", emb(config.n_positions, "wpe")(positions))
+        x = nn.Dropout(config.embd_pdrop)(x, deterministic=self.deterministic)
 
-        block = nn.remat(Block, prevent_cse=not cfg.scan_layers) if cfg.remat else Block
-        if cfg.scan_layers:
+        block = nn.remat(Block, prevent_cse=not config.scan_layers) if config.remat else Block
+        if config.scan_layers:
             blocks = nn.scan(
                 block, variable_axes={"params": 0, CAPTURE: 0, EDITS: 0}, split_rngs={"params": True, "dropout": True},
-                in_axes=(0, nn.broadcast, nn.broadcast), length=cfg.n_layer,
-            )(cfg, self.deterministic, name="h")
-            (x, cache), _ = blocks((x, cache), jnp.arange(cfg.n_layer), mask, index)
+                in_axes=(0, nn.broadcast, nn.broadcast), length=config.n_layer,
+            )(config, self.deterministic, name="h")
+            (x, cache), _ = blocks((x, cache), jnp.arange(config.n_layer), mask, index)
         else:
-            for i in range(cfg.n_layer):
-                (x, cache), _ = block(cfg, self.deterministic, name=f"h_{i}")((x, cache), i, mask, index)
+            for i in range(config.n_layer):
+                (x, cache), _ = block(config, self.deterministic, name=f"h_{i}")((x, cache), i, mask, index)
 
         if at is not None:
             x = jnp.take_along_axis(x, at[:, None, None], axis=1)
         elif last_only:
             x = x[:, -1:]
-        x = tap(self, "ln_final", _layer_norm(cfg, "ln_f")(x))
+        x = tap(self, "ln_final", _layer_norm(config, "ln_f")(x))
         # Contract with the embedding as stored ([V, D]): a transposed copy would cost a full
         # extra pass over the largest matrix at every decoding step.
-        if cfg.weights != "float":
+        if config.weights != "float":
             return wte.attend(x), cache
-        if cfg.tie_word_embeddings:
+        if config.tie_word_embeddings:
             head, spec = wte.embedding, "btd,vd->btv"
         else:
-            head, spec = self.param("lm_head", nn.initializers.normal(cfg.initializer_range),
-                                    (cfg.n_embd, cfg.vocab_size), jnp.dtype(cfg.param_dtype)), "btd,dv->btv"
-        logits = jnp.einsum(spec, x, head.astype(cfg.compute_dtype), preferred_element_type=jnp.float32)
+            head, spec = self.param("lm_head", nn.initializers.normal(config.initializer_range),
+                                    (config.n_embd, config.vocab_size), jnp.dtype(config.param_dtype)), "btd,dv->btv"
+        logits = jnp.einsum(spec, x, head.astype(config.compute_dtype), preferred_element_type=jnp.float32)
         return logits, cache
 
 
-def unstack_layers(params, n_layer: int):
+def unstack_layer_params(params, n_layer: int):
     """Stacked ``h`` ([L, ...] leaves) -> ``h_0 .. h_{L-1}`` (for ``scan_layers=False``)."""
     params = dict(params)
     stacked = params.pop("h")
     return {**params, **{f"h_{i}": jax.tree.map(lambda x: x[i], stacked) for i in range(n_layer)}}
 
 
-def stack_layers(params, n_layer: int):
+def stack_layer_params(params, n_layer: int):
     """``h_0 .. h_{L-1}`` -> stacked ``h`` (for ``scan_layers=True``)."""
     params = dict(params)
     layers = [params.pop(f"h_{i}") for i in range(n_layer)]

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from jaxformer.train.checkpoints import load_run_params, restore_pytree, save_pytree
 from jaxformer.gpt2 import hf
 from jaxformer.gpt2.config import GPT2Config
-from jaxformer.gpt2.model import init_params, stack_layers, unstack_layers
+from jaxformer.gpt2.model import init_params, stack_layer_params, unstack_layer_params
 from jaxformer.gpt2.quantize import to_decoding, to_float
 from jaxformer.gpt2.tokenizer import GPT2Tokenizer, copy_tokenizer_files, has_tokenizer
 
@@ -35,7 +35,7 @@ def save_pretrained(dst: str | Path, config: GPT2Config, params, tokenizer_dir: 
     dst = Path(dst)
     dst.mkdir(parents=True, exist_ok=True)
     if not config.scan_layers:
-        params, config = stack_layers(params, config.n_layer), config.replace(scan_layers=True)
+        params, config = stack_layer_params(params, config.n_layer), config.replace(scan_layers=True)
     save_pytree(dst / "params", params)
     config.save(dst / "config.json")
     if tokenizer_dir is not None:
@@ -73,7 +73,7 @@ def _load(src, **config_overrides):
         else:
             params = load_run_params(path, like)
         if not config.scan_layers:
-            params = unstack_layers(params, config.n_layer)
+            params = unstack_layer_params(params, config.n_layer)
     else:
         path = hf.resolve(src)
         config, params = hf.load_hf(path, **config_overrides)

@@ -174,57 +174,84 @@ def beam_search(step_fn: StepFn, start_tokens, cache, *, beam_size: int, max_len
     Returns (int32[b, beam_size, max_len] best-first, float32[b, beam_size] scores = log p / penalty).
     Sequences hold their tokens (up to and including EOS, if they ended with it), then zeros.
     """
-    b, k = start_tokens.shape[0], beam_size
-    limit = jnp.broadcast_to(jnp.minimum(jnp.asarray(max_len if limit is None else limit, jnp.int32), max_len), (b,))
-    cache = jax.tree.map(lambda x: jnp.repeat(x, k, axis=0) if x.ndim else x, cache)
-    state = dict(
+    limit = jnp.minimum(jnp.asarray(max_len if limit is None else limit, jnp.int32), max_len)
+    limit = jnp.broadcast_to(limit, start_tokens.shape)
+
+    def cond(s):
+        return (s["i"] < max_len) & ~jnp.all(_row_done(s["fin_scores"]))
+
+    def body(s):
+        logits, cache = step_fn(_flat(s["last"]), s["cache"])
+        cand = _candidates(s, logits, eos_id, limit)
+        return dict(i=s["i"] + 1, **_alive(cand, cache, beam_size), **_finished(s, cand, alpha))
+
+    s = lax.while_loop(cond, body, _initial_beams(start_tokens, cache, beam_size, max_len))
+    return s["fin_seqs"], s["fin_scores"]
+
+
+def _initial_beams(start_tokens, cache, k: int, max_len: int) -> dict:
+    """The loop state before the first step. Per row: k beams fed ``start_tokens`` with the cache
+    repeated k times, only the first beam live (the others at log p = -inf, so the first step
+    extends one hypothesis, not k copies), no finished hypothesis yet."""
+    b = start_tokens.shape[0]
+    return dict(
         i=jnp.int32(0),
         last=jnp.repeat(start_tokens[:, None], k, axis=1).astype(jnp.int32),
         seqs=jnp.zeros((b, k, max_len), jnp.int32),
         logp=jnp.tile(jnp.array([0.0] + [NEG_INF] * (k - 1), jnp.float32), (b, 1)),
         fin_seqs=jnp.zeros((b, k, max_len), jnp.int32),
         fin_scores=jnp.full((b, k), NEG_INF, jnp.float32),
-        cache=cache,
+        cache=jax.tree.map(lambda x: jnp.repeat(x, k, axis=0) if x.ndim else x, cache),
     )
 
-    def row_done(fin_scores):  # a row is done once it holds beam_size finished hypotheses
-        return fin_scores[:, -1] > NEG_INF / 2
 
-    def cond(s):
-        return (s["i"] < max_len) & ~jnp.all(row_done(s["fin_scores"]))
+def _row_done(fin_scores):
+    """bool[b]: the row holds beam_size finished hypotheses (fin_scores: float32[b, k], best first)."""
+    return fin_scores[:, -1] > NEG_INF / 2
 
-    def body(s):
-        i = s["i"]
-        logits, cache = step_fn(_flat(s["last"]), s["cache"])
-        logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-        vocab = logp.shape[-1]
-        cand = (s["logp"][:, :, None] + logp.reshape(b, k, vocab)).reshape(b, k * vocab)
-        cand_logp, cand_idx = lax.top_k(cand, 2 * k)
-        beam_idx, tok = cand_idx // vocab, (cand_idx % vocab).astype(jnp.int32)
-        seqs = jnp.take_along_axis(s["seqs"], beam_idx[:, :, None], axis=1)
-        seqs = lax.dynamic_update_slice(seqs, tok[:, :, None], (0, 0, i))
-        ends = (tok == eos_id) | (i + 1 >= limit)[:, None]
-        dead = cand_logp <= NEG_INF / 2
 
-        # Alive: the best k candidates that did not end.
-        alive_logp, alive_pos = lax.top_k(jnp.where(ends | dead, 2 * NEG_INF, cand_logp), k)
-        alive = dict(
-            last=jnp.take_along_axis(tok, alive_pos, axis=1),
-            seqs=jnp.take_along_axis(seqs, alive_pos[:, :, None], axis=1),
-            logp=jnp.maximum(alive_logp, NEG_INF),
-        )
-        cache = _gather_beams(cache, jnp.take_along_axis(beam_idx, alive_pos, axis=1), b, k)
+def _candidates(s: dict, logits, eos_id: int, limit) -> dict:
+    """The best ``2k`` one-token extensions of each row's live beams (logits: float32[b * k, V]).
 
-        # Finished: the candidates ranked in the top k that end, merged with the k best finished so
-        # far. A done row's set is frozen, so a row's result does not depend on its batch.
-        top_k_rank = (jnp.arange(2 * k) < k)[None, :]
-        finalize = ends & ~dead & top_k_rank & ~row_done(s["fin_scores"])[:, None]
-        new_scores = jnp.where(finalize, cand_logp / length_penalty(i + 1.0, alpha), NEG_INF)
-        all_scores = jnp.concatenate([s["fin_scores"], new_scores], axis=1)
-        all_seqs = jnp.concatenate([s["fin_seqs"], seqs], axis=1)
-        fin_scores, fin_pos = lax.top_k(all_scores, k)
-        fin_seqs = jnp.take_along_axis(all_seqs, fin_pos[:, :, None], axis=1)
-        return dict(i=i + 1, cache=cache, fin_seqs=fin_seqs, fin_scores=fin_scores, **alive)
+    Returns logp float32[b, 2k] (total log-probability, best first), beam int32[b, 2k] (the beam
+    each extends), tok int32[b, 2k] (the new token), seqs int32[b, 2k, max_len] (the hypotheses with
+    the new token at slot ``i``), ends bool[b, 2k] (EOS, or the row's ``limit``-th token) and dead
+    bool[b, 2k] (an extension of a beam at -inf).
+    """
+    (b, k), i = s["logp"].shape, s["i"]
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    vocab = logp.shape[-1]
+    total = (s["logp"][:, :, None] + logp.reshape(b, k, vocab)).reshape(b, k * vocab)
+    cand_logp, cand_idx = lax.top_k(total, 2 * k)
+    beam, tok = cand_idx // vocab, (cand_idx % vocab).astype(jnp.int32)
+    seqs = jnp.take_along_axis(s["seqs"], beam[:, :, None], axis=1)
+    seqs = lax.dynamic_update_slice(seqs, tok[:, :, None], (0, 0, i))
+    return dict(logp=cand_logp, beam=beam, tok=tok, seqs=seqs,
+                ends=(tok == eos_id) | (i + 1 >= limit)[:, None], dead=cand_logp <= NEG_INF / 2)
 
-    s = lax.while_loop(cond, body, state)
-    return s["fin_seqs"], s["fin_scores"]
+
+def _alive(cand: dict, cache, k: int) -> dict:
+    """The next step's beams: the best k candidates that did not end, with the cache reordered to
+    follow them (``last``, ``seqs``, ``logp`` and ``cache`` of the loop state)."""
+    b = cand["logp"].shape[0]
+    alive_logp, pos = lax.top_k(jnp.where(cand["ends"] | cand["dead"], 2 * NEG_INF, cand["logp"]), k)
+    return dict(
+        last=jnp.take_along_axis(cand["tok"], pos, axis=1),
+        seqs=jnp.take_along_axis(cand["seqs"], pos[:, :, None], axis=1),
+        logp=jnp.maximum(alive_logp, NEG_INF),
+        cache=_gather_beams(cache, jnp.take_along_axis(cand["beam"], pos, axis=1), b, k),
+    )
+
+
+def _finished(s: dict, cand: dict, alpha: float) -> dict:
+    """The k best finished hypotheses: those so far, merged with the candidates ranked in the top k
+    that end, scored ``log p / length_penalty``. A done row's set is frozen, so a row's result does
+    not depend on its batch. Returns ``fin_seqs`` int32[b, k, max_len], ``fin_scores`` float32[b, k]."""
+    k = s["fin_scores"].shape[1]
+    top_k_rank = (jnp.arange(2 * k) < k)[None, :]
+    finalize = cand["ends"] & ~cand["dead"] & top_k_rank & ~_row_done(s["fin_scores"])[:, None]
+    new_scores = jnp.where(finalize, cand["logp"] / length_penalty(s["i"] + 1.0, alpha), NEG_INF)
+    fin_scores, pos = lax.top_k(jnp.concatenate([s["fin_scores"], new_scores], axis=1), k)
+    all_seqs = jnp.concatenate([s["fin_seqs"], cand["seqs"]], axis=1)
+    fin_seqs = jnp.take_along_axis(all_seqs, pos[:, :, None], axis=1)
+    return dict(fin_seqs=fin_seqs, fin_scores=fin_scores)

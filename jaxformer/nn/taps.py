@@ -85,7 +85,7 @@ def _layer_of(name: str) -> tuple[str, int | None]:
     return (f"{m.group(1)}/{rest}", int(m.group(2))) if m and rest else (name, None)
 
 
-def stack_layers(flat: dict) -> dict:
+def stack_captures(flat: dict) -> dict:
     """``{"h_0/x": a, "h_1/x": b}`` -> ``{"h/x": stack([a, b])}`` (scanned names are already stacked)."""
     groups, out = {}, {}
     for name, value in flat.items():
@@ -157,7 +157,7 @@ def apply(model: nn.Module, params, *args, capture=(), edits: dict | None = None
     if not capture:
         return model.apply(variables, *args, method=method, **kwargs), {}
     out, state = model.apply(variables, *args, method=method, mutable=[CAPTURE], **kwargs)
-    return out, select(stack_layers(flatten(state.get(CAPTURE, {}))), capture)
+    return out, select(stack_captures(flatten(state.get(CAPTURE, {}))), capture)
 
 
 def with_edits(model: nn.Module, params, edits: dict | None, *args, method=None, **kwargs) -> dict:

@@ -50,25 +50,25 @@ def sinusoidal(positions, d: int):
     return jnp.stack([jnp.sin(angle), jnp.cos(angle)], axis=-1).reshape(positions.shape + (d,))
 
 
-def _dense(cfg: TranslatorConfig, features: int, name: str | None = None):
-    return nn.Dense(features, kernel_init=nn.initializers.xavier_uniform(), dtype=jnp.dtype(cfg.dtype), name=name)
+def _dense(config: TranslatorConfig, features: int, name: str | None = None):
+    return nn.Dense(features, kernel_init=nn.initializers.xavier_uniform(), dtype=jnp.dtype(config.dtype), name=name)
 
 
-def _layer_norm(cfg: TranslatorConfig):
-    return nn.LayerNorm(cfg.layer_norm_eps, dtype=jnp.dtype(cfg.dtype))
+def _layer_norm(config: TranslatorConfig):
+    return nn.LayerNorm(config.layer_norm_eps, dtype=jnp.dtype(config.dtype))
 
 
 class Attention(nn.Module):
-    cfg: TranslatorConfig
+    config: TranslatorConfig
     deterministic: bool = True
 
     def setup(self):
-        d = self.cfg.d_model
-        self.query, self.key, self.value, self.out = (_dense(self.cfg, d) for _ in range(4))
-        self.dropout = nn.Dropout(self.cfg.dropout)
+        d = self.config.d_model
+        self.query, self.key, self.value, self.out = (_dense(self.config, d) for _ in range(4))
+        self.dropout = nn.Dropout(self.config.dropout)
 
     def _heads(self, x):  # [b, t, d] -> [b, t, h, d/h]
-        return x.reshape(x.shape[:2] + (self.cfg.n_heads, self.cfg.head_dim))
+        return x.reshape(x.shape[:2] + (self.config.n_heads, self.config.head_dim))
 
     def kv(self, x) -> KVCache:
         """Keys and values of ``x: [b, t, d]`` as a KVCache ``[b, h, t, d/h]``."""
@@ -89,32 +89,32 @@ class Attention(nn.Module):
             src = x if memory is None else memory
             k, v, heads_major = self._heads(self.key(src)), self._heads(self.value(src)), False
         drop = None
-        if not self.deterministic and self.cfg.dropout > 0:
+        if not self.deterministic and self.config.dropout > 0:
             drop = lambda p: self.dropout(p, deterministic=False)  # noqa: E731
         probs_fn = (lambda p: tap(self, "pattern", p)) if tapped(self, "pattern") else None
-        y = dot_product_attention(q, k, v, mask, scale=self.cfg.head_dim**-0.5, dropout_fn=drop, probs_fn=probs_fn,
+        y = dot_product_attention(q, k, v, mask, scale=self.config.head_dim**-0.5, dropout_fn=drop, probs_fn=probs_fn,
                                   heads_major=heads_major)
         return self.out(tap(self, "z", y).reshape(x.shape)), cache
 
 
 class FeedForward(nn.Module):
-    cfg: TranslatorConfig
+    config: TranslatorConfig
 
     @nn.compact
     def __call__(self, x):
-        h = tap(self, "post", activation(self.cfg.activation)(_dense(self.cfg, self.cfg.d_ff, "up")(x)))
-        return _dense(self.cfg, self.cfg.d_model, "down")(h)
+        h = tap(self, "post", activation(self.config.activation)(_dense(self.config, self.config.d_ff, "up")(x)))
+        return _dense(self.config, self.config.d_model, "down")(h)
 
 
 class _Residual(nn.Module):
     """Shared by both layer kinds: ``x + drop(f(ln(x)))`` (pre-LN) or ``ln(x + drop(f(x)))`` (post-LN)."""
 
-    cfg: TranslatorConfig
+    config: TranslatorConfig
     deterministic: bool = True
 
     def residual(self, x, ln, f):
         """Applies ``f: h -> (y, aux)`` as a residual branch; returns (x', aux)."""
-        if self.cfg.pre_ln:
+        if self.config.pre_ln:
             y, aux = f(ln(x))
             return x + self.drop(y, deterministic=self.deterministic), aux
         y, aux = f(x)
@@ -123,10 +123,10 @@ class _Residual(nn.Module):
 
 class EncoderLayer(_Residual):
     def setup(self):
-        self.attn = Attention(self.cfg, self.deterministic)
-        self.ff = FeedForward(self.cfg)
-        self.ln_1, self.ln_2 = (_layer_norm(self.cfg) for _ in range(2))
-        self.drop = nn.Dropout(self.cfg.dropout)
+        self.attn = Attention(self.config, self.deterministic)
+        self.ff = FeedForward(self.config)
+        self.ln_1, self.ln_2 = (_layer_norm(self.config) for _ in range(2))
+        self.drop = nn.Dropout(self.config.dropout)
 
     def __call__(self, x, mask):
         x = tap(self, "resid_pre", x)
@@ -137,11 +137,11 @@ class EncoderLayer(_Residual):
 
 class DecoderLayer(_Residual):
     def setup(self):
-        self.self_attn = Attention(self.cfg, self.deterministic)
-        self.cross_attn = Attention(self.cfg, self.deterministic)
-        self.ff = FeedForward(self.cfg)
-        self.ln_1, self.ln_2, self.ln_3 = (_layer_norm(self.cfg) for _ in range(3))
-        self.drop = nn.Dropout(self.cfg.dropout)
+        self.self_attn = Attention(self.config, self.deterministic)
+        self.cross_attn = Attention(self.config, self.deterministic)
+        self.ff = FeedForward(self.config)
+        self.ln_1, self.ln_2, self.ln_3 = (_layer_norm(self.config) for _ in range(3))
+        self.drop = nn.Dropout(self.config.dropout)
 
     def __call__(self, x, self_mask, memory, cross_mask, cache=None, index=0):
         """memory: the encoder output [b, S, d], or its cross-attention KVCache (decoding)."""
@@ -155,49 +155,50 @@ class DecoderLayer(_Residual):
 class Translator(nn.Module):
     """``__call__(src, tgt_in) -> logits`` for training; ``encode``/``init_cache``/``decode_step`` for decoding."""
 
-    cfg: TranslatorConfig
+    config: TranslatorConfig
     deterministic: bool = True
 
     def setup(self):
-        cfg, det = self.cfg, self.deterministic
-        emb = lambda: nn.Embed(cfg.vocab_size, cfg.d_model, dtype=jnp.dtype(cfg.dtype),  # noqa: E731
-                               embedding_init=nn.initializers.normal(cfg.d_model**-0.5))
-        if cfg.tie_embeddings:
+        config, det = self.config, self.deterministic
+        emb = lambda: nn.Embed(config.vocab_size, config.d_model, dtype=jnp.dtype(config.dtype),  # noqa: E731
+                               embedding_init=nn.initializers.normal(config.d_model**-0.5))
+        if config.tie_embeddings:
             self.embed = emb()
         else:
             self.src_embed, self.tgt_embed = emb(), emb()
-            self.out = _dense(cfg, cfg.vocab_size)
-        self.enc = [EncoderLayer(cfg, det, name=f"enc_{i}") for i in range(cfg.enc_layers)]
-        self.dec = [DecoderLayer(cfg, det, name=f"dec_{i}") for i in range(cfg.dec_layers)]
-        if cfg.pre_ln:
-            self.enc_ln, self.dec_ln = _layer_norm(cfg), _layer_norm(cfg)
-        self.dropout = nn.Dropout(cfg.dropout)
+            self.out = _dense(config, config.vocab_size)
+        self.enc = [EncoderLayer(config, det, name=f"enc_{i}") for i in range(config.enc_layers)]
+        self.dec = [DecoderLayer(config, det, name=f"dec_{i}") for i in range(config.dec_layers)]
+        if config.pre_ln:
+            self.enc_ln, self.dec_ln = _layer_norm(config), _layer_norm(config)
+        self.dropout = nn.Dropout(config.dropout)
 
     def _embed(self, side: str, tokens, positions, table):
         """``side``: ``enc`` or ``dec`` (the taps' names)."""
-        x = tap(self, f"{side}_tok_embed", table(tokens) * math.sqrt(self.cfg.d_model)) \
-            + tap(self, f"{side}_pos_embed", jnp.broadcast_to(sinusoidal(positions, self.cfg.d_model),
-                                                             tokens.shape + (self.cfg.d_model,)))
+        x = tap(self, f"{side}_tok_embed", table(tokens) * math.sqrt(self.config.d_model)) \
+            + tap(self, f"{side}_pos_embed", jnp.broadcast_to(sinusoidal(positions, self.config.d_model),
+                                                             tokens.shape + (self.config.d_model,)))
         return self.dropout(x, deterministic=self.deterministic)
 
     def _logits(self, x):
-        x = tap(self, "dec_out", self.dec_ln(x) if self.cfg.pre_ln else x)
-        if self.cfg.tie_embeddings:
+        x = tap(self, "dec_out", self.dec_ln(x) if self.config.pre_ln else x)
+        if self.config.tie_embeddings:
             return self.embed.attend(x).astype(jnp.float32)
         return self.out(x).astype(jnp.float32)
 
     def encode(self, src):
         """src: int32[b, S] (PAD_ID = padding). Returns (float32[b, S, d], src_valid bool[b, S])."""
         valid = src != PAD_ID
-        x = self._embed("enc", src, jnp.arange(src.shape[1]), self.embed if self.cfg.tie_embeddings else self.src_embed)
+        table = self.embed if self.config.tie_embeddings else self.src_embed
+        x = self._embed("enc", src, jnp.arange(src.shape[1]), table)
         mask = padding_mask(valid)
         for layer in self.enc:
             x = layer(x, mask)
-        return tap(self, "enc_out", self.enc_ln(x) if self.cfg.pre_ln else x), valid
+        return tap(self, "enc_out", self.enc_ln(x) if self.config.pre_ln else x), valid
 
     def decode(self, tgt_in, enc, src_valid):
         """Teacher-forced decoder: tgt_in int32[b, T]. Returns float32[b, T, V] logits."""
-        table = self.embed if self.cfg.tie_embeddings else self.tgt_embed
+        table = self.embed if self.config.tie_embeddings else self.tgt_embed
         x = self._embed("dec", tgt_in, jnp.arange(tgt_in.shape[1]), table)
         self_mask, cross_mask = causal_mask(tgt_in != PAD_ID, tgt_in.shape[1]), padding_mask(src_valid)
         for layer in self.dec:
@@ -212,9 +213,9 @@ class Translator(nn.Module):
         """Encodes src: int32[b, S] once and projects the cross-attention keys/values of every layer.
         ``max_len`` (static) is the number of self-attention slots."""
         enc, valid = self.encode(src)
-        b, c = src.shape[0], self.cfg
+        b, config = src.shape[0], self.config
         return dict(
-            self=tuple(KVCache.zeros(b, max_len, c.n_heads, c.head_dim) for _ in self.dec),
+            self=tuple(KVCache.zeros(b, max_len, config.n_heads, config.head_dim) for _ in self.dec),
             cross=tuple(layer.cross_attn.kv(enc) for layer in self.dec),
             src_valid=valid, index=jnp.zeros((), jnp.int32),
         )
@@ -222,7 +223,7 @@ class Translator(nn.Module):
     def decode_step(self, tokens, cache: dict):
         """Feeds tokens: int32[n] at slot ``cache['index']``. Returns (float32[n, V], cache)."""
         index = cache["index"]
-        table = self.embed if self.cfg.tie_embeddings else self.tgt_embed
+        table = self.embed if self.config.tie_embeddings else self.tgt_embed
         x = self._embed("dec", tokens[:, None], index[None], table)
         slots = cache["self"][0].max_len
         self_mask = (jnp.arange(slots) <= index)[None, None, None, :]
@@ -235,7 +236,7 @@ class Translator(nn.Module):
         return self._logits(x)[:, 0], cache
 
 
-def init_params(cfg: TranslatorConfig, key):
+def init_params(config: TranslatorConfig, key):
     """Random parameters as a plain pytree."""
     tokens = jnp.ones((1, 8), jnp.int32)
-    return Translator(cfg).init(key, tokens, tokens)["params"]
+    return Translator(config).init(key, tokens, tokens)["params"]

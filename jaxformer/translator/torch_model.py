@@ -31,26 +31,26 @@ def sinusoidal(length: int, d: int) -> torch.Tensor:
 
 
 class TorchTranslator(nn.Module):
-    def __init__(self, cfg: TranslatorConfig):
+    def __init__(self, config: TranslatorConfig):
         super().__init__()
-        self.cfg = cfg
+        self.config = config
         self.transformer = nn.Transformer(
-            cfg.d_model, cfg.n_heads, cfg.enc_layers, cfg.dec_layers, cfg.d_ff, cfg.dropout,
-            activation={"relu": "relu", "gelu": "gelu"}[cfg.activation], layer_norm_eps=cfg.layer_norm_eps,
-            batch_first=True, norm_first=cfg.pre_ln)
-        if not cfg.pre_ln:
+            config.d_model, config.n_heads, config.enc_layers, config.dec_layers, config.d_ff, config.dropout,
+            activation={"relu": "relu", "gelu": "gelu"}[config.activation], layer_norm_eps=config.layer_norm_eps,
+            batch_first=True, norm_first=config.pre_ln)
+        if not config.pre_ln:
             self.transformer.encoder.norm = nn.Identity()
             self.transformer.decoder.norm = nn.Identity()
-        self.src_embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.tgt_embed = self.src_embed if cfg.tie_embeddings else nn.Embedding(cfg.vocab_size, cfg.d_model)
-        self.out = nn.Linear(cfg.d_model, cfg.vocab_size, bias=not cfg.tie_embeddings)
-        if cfg.tie_embeddings:
+        self.src_embed = nn.Embedding(config.vocab_size, config.d_model)
+        self.tgt_embed = self.src_embed if config.tie_embeddings else nn.Embedding(config.vocab_size, config.d_model)
+        self.out = nn.Linear(config.d_model, config.vocab_size, bias=not config.tie_embeddings)
+        if config.tie_embeddings:
             self.out.weight = self.src_embed.weight
-        self.register_buffer("pe", sinusoidal(512, cfg.d_model), persistent=False)
-        self.drop = nn.Dropout(cfg.dropout)
+        self.register_buffer("pe", sinusoidal(512, config.d_model), persistent=False)
+        self.drop = nn.Dropout(config.dropout)
 
     def _embed(self, tokens, table):
-        return self.drop(table(tokens) * math.sqrt(self.cfg.d_model) + self.pe[:tokens.shape[1]])
+        return self.drop(table(tokens) * math.sqrt(self.config.d_model) + self.pe[:tokens.shape[1]])
 
     def encode(self, src):
         """src: long[b, S] → (memory [b, S, d], padding mask bool[b, S], True at PAD)."""
@@ -89,9 +89,9 @@ def _t(x) -> torch.Tensor:
     return torch.from_numpy(np.array(x, dtype=np.float32))
 
 
-def from_flax(params, cfg: TranslatorConfig) -> TorchTranslator:
+def from_flax(params, config: TranslatorConfig) -> TorchTranslator:
     """A TorchTranslator holding the Flax ``params`` (see the table above); shapes are checked."""
-    model = TorchTranslator(cfg)
+    model = TorchTranslator(config)
     tr = model.transformer
 
     def put(param: torch.Tensor, value, name: str):
@@ -129,10 +129,10 @@ def from_flax(params, cfg: TranslatorConfig) -> TorchTranslator:
         ff(layer, p["ff"], f"dec_{i}/ff")
         for j in (1, 2, 3):
             norm(getattr(layer, f"norm{j}"), p[f"ln_{j}"], f"dec_{i}/ln_{j}")
-    if cfg.pre_ln:
+    if config.pre_ln:
         norm(tr.encoder.norm, params["enc_ln"], "enc_ln")
         norm(tr.decoder.norm, params["dec_ln"], "dec_ln")
-    if cfg.tie_embeddings:
+    if config.tie_embeddings:
         put(model.src_embed.weight, params["embed"]["embedding"], "embed")
     else:
         put(model.src_embed.weight, params["src_embed"]["embedding"], "src_embed")

@@ -37,13 +37,13 @@ def source_lengths(max_len: int) -> list[int]:
     return sorted(n for n in lengths if n < max_len) + [max_len]
 
 
-def output_len(cfg: TranslatorConfig, src_len: int) -> int:
+def output_len(config: TranslatorConfig, src_len: int) -> int:
     """Output slots (static) for sources padded to ``src_len`` tokens, EOS included."""
-    return min(cfg.max_len, math.ceil(MAX_OUT_RATIO * src_len) + MAX_OUT_EXTRA)
+    return min(config.max_len, math.ceil(MAX_OUT_RATIO * src_len) + MAX_OUT_EXTRA)
 
 
 @functools.lru_cache(maxsize=8)
-def make_search(cfg: TranslatorConfig):
+def make_search(config: TranslatorConfig):
     """``search(params, src, beam_size, max_len, alpha, edits) -> int32[b, max_len]``, jitted.
 
     src: int32[b, S], each row tokens + EOS + PAD (an all-PAD row gets an empty output).
@@ -53,7 +53,7 @@ def make_search(cfg: TranslatorConfig):
     included), ``n_i`` its source length, capped by ``max_len``. Output: tokens, EOS, then PAD.
     ``edits``: interventions (:mod:`jaxformer.nn.taps`, the model's tree) at every step, or None.
     """
-    model = Translator(cfg)
+    model = Translator(config)
 
     @functools.partial(jax.jit, static_argnames=("beam_size", "max_len", "alpha"))
     def search(params, src, beam_size: int, max_len: int, alpha: float = LENGTH_ALPHA, edits=None):
@@ -79,11 +79,11 @@ def make_search(cfg: TranslatorConfig):
 class TranslationPipeline:
     """A trained model ready to translate: config, params and tokenizer (see :meth:`load`)."""
 
-    def __init__(self, cfg: TranslatorConfig, params, tokenizer, batch_size: int = 64):
+    def __init__(self, config: TranslatorConfig, params, tokenizer, batch_size: int = 64):
         if batch_size < 1:
             raise InputError(f"batch size {batch_size}: must be >= 1")
-        self.cfg, self.params, self.tokenizer, self.batch_size = cfg, params, tokenizer, batch_size
-        self.search = make_search(cfg)
+        self.config, self.params, self.tokenizer, self.batch_size = config, params, tokenizer, batch_size
+        self.search = make_search(config)
 
     @classmethod
     def load(cls, directory: str | Path, **kw) -> "TranslationPipeline":
@@ -91,12 +91,12 @@ class TranslationPipeline:
         intact checkpoint) from a training run directory."""
         d = Path(directory)
         if not (d / "config.json").is_file():
-            raise InputError(f"{d}: no config.json; pass the --out directory of train_translator.py")
+            raise InputError(f"{d}: no config.json; pass the --out directory of `jaxformer train translator`")
         if "n_embd" in (read_json(d / "config.json") or {}):
-            raise InputError(f"{d}: a GPT-2 model, not a translator (use generate.py with it)")
-        cfg = TranslatorConfig.load(d / "config.json")
-        params = load_run_params(d, jax.eval_shape(lambda: init_params(cfg, jax.random.key(0))))
-        return cls(cfg, params, tk.load_tokenizer(d / "tokenizer.json"), **kw)
+            raise InputError(f"{d}: a GPT-2 model, not a translator (use `jaxformer generate` with it)")
+        config = TranslatorConfig.load(d / "config.json")
+        params = load_run_params(d, jax.eval_shape(lambda: init_params(config, jax.random.key(0))))
+        return cls(config, params, tk.load_tokenizer(d / "tokenizer.json"), **kw)
 
     def translate(self, sentences: list[str], beam_size: int = BEAM_SIZE, alpha: float = LENGTH_ALPHA,
                   edits: dict | None = None) -> list[str]:
@@ -109,15 +109,15 @@ class TranslationPipeline:
         tree = None
         if edits:
             probe = np.full((1, 2), tk.EOS_ID, np.int32)
-            tree = taps.with_edits(Translator(self.cfg), self.params, edits, probe, probe)[taps.EDITS]
-        cfg, out = self.cfg, [""] * len(sentences)
+            tree = taps.with_edits(Translator(self.config), self.params, edits, probe, probe)[taps.EDITS]
+        config, out = self.config, [""] * len(sentences)
         ids = tk.encode(self.tokenizer, sentences)
         todo = [i for i, s in enumerate(sentences) if s.strip()]
         for i in todo:
-            if len(ids[i]) > cfg.max_len - 1:
-                warnings.warn(f"sentence {i + 1} has {len(ids[i])} tokens; translating its first {cfg.max_len - 1}")
-                ids[i] = ids[i][:cfg.max_len - 1]
-        lengths = source_lengths(cfg.max_len)
+            if len(ids[i]) > config.max_len - 1:
+                warnings.warn(f"sentence {i + 1} has {len(ids[i])} tokens; translating its first {config.max_len - 1}")
+                ids[i] = ids[i][:config.max_len - 1]
+        lengths = source_lengths(config.max_len)
         bucket = {i: next(L for L in lengths if L >= len(ids[i]) + 1) for i in todo}
         for L in lengths:
             members = [i for i in todo if bucket[i] == L]
@@ -125,7 +125,7 @@ class TranslationPipeline:
                 chunk = members[s:s + self.batch_size]
                 rows = min(self.batch_size, 1 << (len(chunk) - 1).bit_length())
                 src = pad_sources([ids[i] for i in chunk], rows, L)
-                hyp = self.search(self.params, src, beam_size=beam_size, max_len=output_len(cfg, L), alpha=alpha,
+                hyp = self.search(self.params, src, beam_size=beam_size, max_len=output_len(config, L), alpha=alpha,
                                   edits=tree)
                 for i, text in zip(chunk, tk.decode(self.tokenizer, np.asarray(hyp))):
                     out[i] = text
