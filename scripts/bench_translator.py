@@ -34,7 +34,7 @@ from jaxformer.translator.batching import Batcher, pad_sources
 from jaxformer.translator.config import PRESETS, preset
 from jaxformer.translator.model import init_params
 from jaxformer.translator.torch_model import from_flax
-from jaxformer.translator.train import TranslatorRunConfig, make_loss_fn
+from jaxformer.translator.train import TranslatorRunConfig, TranslatorTask, make_loss_fn
 from jaxformer.translator.translate import TranslationPipeline, output_len
 
 
@@ -135,7 +135,7 @@ def bench(args) -> int:
     if args.model and (Path(args.model) / "run.json").is_file():
         run = TranslatorRunConfig.load(Path(args.model) / "run.json")
     else:
-        run = TranslatorRunConfig(**{**PRESETS[args.preset][1], "steps": 1})
+        run = TranslatorRunConfig(**{**TranslatorTask.run_defaults(args.preset), "steps": 1})
     if args.bucket not in run.buckets:
         raise InputError(f"--bucket {args.bucket}: choose one of the padded lengths {run.buckets}")
 

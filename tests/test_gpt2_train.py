@@ -25,12 +25,12 @@ from hypothesis import strategies as st
 from sigterm import sigterm_after_logging
 
 from jaxformer.commands.train_gpt2 import main  # jaxformer train gpt2, in this process
-from jaxformer.train.checkpoints import Checkpoints
-from jaxformer.train.flops import gpt2_flops_per_token
 from jaxformer.gpt2 import data as gdata
 from jaxformer.gpt2.config import GPT2Config, preset
 from jaxformer.gpt2.model import GPT2, init_params
 from jaxformer.gpt2.train import GPT2RunConfig, make_loss_fn
+from jaxformer.train.checkpoints import Checkpoints
+from jaxformer.train.flops import gpt2_flops_per_token
 from jaxformer.train.optim import decay_mask, make_optimizer, make_schedule
 
 REPO = Path(__file__).resolve().parents[1]
@@ -107,9 +107,9 @@ def np_adamw(params, grads_seq, mask, lrs, b1, b2, eps, wd, clip):
 
 
 def test_adamw_matches_float64_numpy():
-    cfg = GPT2RunConfig(lr=1e-2, warmup=2, steps=6, schedule_steps=6, weight_decay=0.1, clip_norm=0.5)
-    schedule = make_schedule(cfg)
-    opt = make_optimizer(cfg, schedule)
+    run = GPT2RunConfig(lr=1e-2, warmup=2, steps=6, schedule_steps=6, weight_decay=0.1, clip_norm=0.5)
+    schedule = make_schedule(run)
+    opt = make_optimizer(run, schedule)
     rng = np.random.default_rng(0)
     params = {"wte": {"embedding": rng.normal(size=(5, 4)).astype(np.float32)},
               "h": {"c_fc": {"kernel": rng.normal(size=(2, 4, 3)).astype(np.float32),
@@ -129,12 +129,12 @@ def test_adamw_matches_float64_numpy():
 
 
 def test_loss_fn_matches_numpy_cross_entropy():
-    cfg = preset("tiny", vocab_size=50, n_positions=16)
-    params = init_params(cfg.replace(initializer_range=0.5), jax.random.key(1))
+    config = preset("tiny", vocab_size=50, n_positions=16)
+    params = init_params(config.replace(initializer_range=0.5), jax.random.key(1))
     windows = np.random.default_rng(0).integers(0, 50, (3, 9)).astype(np.int32)
-    total, (n, _) = make_loss_fn(cfg, deterministic=True)(params, jnp.asarray(windows), None)
+    total, (n, _) = make_loss_fn(config, deterministic=True)(params, jnp.asarray(windows), None)
     loss = total / n
-    logits = np.asarray(GPT2(cfg).apply({"params": params}, windows[:, :-1])[0], np.float64)
+    logits = np.asarray(GPT2(config).apply({"params": params}, windows[:, :-1])[0], np.float64)
     logp = logits - logits.max(-1, keepdims=True)
     logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
     want = -np.take_along_axis(logp, windows[:, 1:, None], -1).mean()
@@ -144,23 +144,23 @@ def test_loss_fn_matches_numpy_cross_entropy():
 
 @pytest.mark.slow
 def test_bf16_compute_keeps_float32_master_weights_and_loss():
-    cfg = preset("tiny", vocab_size=50, n_positions=16, dtype="bfloat16")
-    params = init_params(cfg, jax.random.key(0))
+    config = preset("tiny", vocab_size=50, n_positions=16, dtype="bfloat16")
+    params = init_params(config, jax.random.key(0))
     assert {x.dtype for x in jax.tree.leaves(params)} == {jnp.dtype(jnp.float32)}
-    loss, _ = make_loss_fn(cfg, deterministic=True)(params, jnp.zeros((2, 9), jnp.int32), None)
+    loss, _ = make_loss_fn(config, deterministic=True)(params, jnp.zeros((2, 9), jnp.int32), None)
     assert loss.dtype == jnp.float32
 
 
 def test_flops_per_token_counts_matmul_weights():
-    cfg = preset("gpt2")
-    shapes = jax.eval_shape(lambda: init_params(cfg, jax.random.key(0)))
+    config = preset("gpt2")
+    shapes = jax.eval_shape(lambda: init_params(config, jax.random.key(0)))
     kernels = sum(np.prod(x.shape) for path, x in jax.tree_util.tree_leaves_with_path(shapes)
                   if path[-1].key == "kernel")
     # matmul weights: the layers' kernels + the (tied) output projection; biases/LN add 6 FLOPs each
     small = sum(np.prod(x.shape) for path, x in jax.tree_util.tree_leaves_with_path(shapes)
                 if path[-1].key in ("bias", "scale"))
-    want = 6 * (kernels + cfg.vocab_size * cfg.n_embd + small) + 12 * 12 * 768 * 1024
-    assert gpt2_flops_per_token(cfg, 1024) == want
+    want = 6 * (kernels + config.vocab_size * config.n_embd + small) + 12 * 12 * 768 * 1024
+    assert gpt2_flops_per_token(config, 1024) == want
     assert 0.85e9 < want < 0.9e9  # ~ 6 * 124M + attention, as usually quoted
 
 
@@ -170,12 +170,12 @@ def test_grad_accumulation_equals_one_big_batch():
     from jaxformer.train import sharding as sh
     from jaxformer.train.step import TrainState, make_train_step
 
-    cfg = preset("tiny", vocab_size=64, n_positions=16, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    config = preset("tiny", vocab_size=64, n_positions=16, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
     opt = optax.sgd(1.0)  # the update is the gradient itself (Adam would amplify rounding in ~0 gradients)
     mesh = sh.make_mesh("data=1", jax.devices()[:1])
-    state = TrainState.create(init_params(cfg, jax.random.key(0)), opt, jax.random.PRNGKey(0))
+    state = TrainState.create(init_params(config, jax.random.key(0)), opt, jax.random.PRNGKey(0))
     state_sh = sh.state_shardings(mesh, state)
-    steps = {accum: make_train_step(make_loss_fn(cfg), opt, grad_accum=accum, state_shardings=state_sh,
+    steps = {accum: make_train_step(make_loss_fn(config), opt, grad_accum=accum, state_shardings=state_sh,
                                     batch_sharding=sh.batch_sharding(mesh, int(accum > 1)))
              for accum in (1, 2)}
     windows = np.random.default_rng(0).integers(0, 64, (8, 9)).astype(np.int32)
@@ -244,10 +244,10 @@ def test_reference_run_learns_logs_and_exports(reference):
     # the exported HF model gives the same logits as ours
     import torch
     import transformers
-    cfg = GPT2Config.load(out / "config.json")
+    config = GPT2Config.load(out / "config.json")
     hf = transformers.GPT2LMHeadModel.from_pretrained(out / "hf").eval()
     tokens = np.arange(10, dtype=np.int32)[None]
-    want = GPT2(cfg).apply({"params": reference[2]}, tokens)[0]
+    want = GPT2(config).apply({"params": reference[2]}, tokens)[0]
     got = hf(torch.as_tensor(tokens, dtype=torch.long)).logits.detach().numpy()
     np.testing.assert_allclose(got, np.asarray(want), atol=1e-4)
 

@@ -13,9 +13,10 @@ import pytest
 
 from jaxformer.config import Config, param
 from jaxformer.errors import InputError
-from jaxformer.train.loop import Task, train
+from jaxformer.train.loop import Due, cadence, train
 from jaxformer.train.run import RunConfig
 from jaxformer.train.step import NonFiniteLoss
+from jaxformer.train.task import Task
 
 
 @dataclasses.dataclass(frozen=True)
@@ -25,7 +26,6 @@ class ToyModel(Config):
 
 @dataclasses.dataclass(frozen=True)
 class ToyRun(RunConfig):
-    preset: str = param("toy", "preset", choices=("toy",))
     rows: int = param(4, "rows per batch", ge=1)
     nan_at: int | None = param(None, "make the batch of this step NaN")
     signal_at: int | None = param(None, "send SIGTERM to this process while building this step's batch")
@@ -37,13 +37,16 @@ class Toy(Task):
     name = "toy"
     run_config, model_config = ToyRun, ToyModel
     presets = {"toy": ({}, dict(lr=0.05, schedule="constant", warmup=0, clip_norm=0.0, weight_decay=0.0))}
+    defaults = dict(preset="toy", weight_decay=0.5, log_every=3)  # under the preset's fields
     best_metric, higher_is_better = "val_loss", False
     plot_panels = [dict(title="loss", series=[("train", "loss", "-"), ("validation", "val_loss", "o-")])]
 
-    def __init__(self, cfg, out, config, model_overrides, batch_shards=1):
-        self.cfg, self.config = cfg, config or ToyModel(**model_overrides)
-        if config is None:
-            self.config.save(out / "config.json")
+    @classmethod
+    def prepare(cls, run, out, model_overrides):
+        ToyModel(**model_overrides).save(out / "config.json")
+
+    def __init__(self, run, out, batch_shards=1):
+        super().__init__(run, out, batch_shards)
         self.steps_per_epoch = 5
         self.w_true = np.arange(1.0, self.config.features + 1, dtype=np.float32)
 
@@ -58,14 +61,14 @@ class Toy(Task):
 
     def _batch(self, seed):
         rng = np.random.default_rng(seed)
-        x = rng.normal(size=(self.cfg.rows, self.config.features)).astype(np.float32)
+        x = rng.normal(size=(self.run.rows, self.config.features)).astype(np.float32)
         return {"x": x, "y": x @ self.w_true}
 
     def batch(self, step):
-        if step + 1 == self.cfg.signal_at:
+        if step + 1 == self.run.signal_at:
             os.kill(os.getpid(), signal.SIGTERM)
-        b = self._batch([self.cfg.seed, step])
-        if step + 1 == self.cfg.nan_at:
+        b = self._batch([self.run.seed, step])
+        if step + 1 == self.run.nan_at:
             b["y"] = b["y"] * np.nan
         return b
 
@@ -78,6 +81,25 @@ class Toy(Task):
 
 def lines(out):
     return [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_cadence_says_what_is_due_at_each_step():
+    """Every 4 steps a line, every 5 an evaluation, every 3 a checkpoint, 12 steps: worked out by hand."""
+    run = RunConfig(log_every=4, eval_every=5, ckpt_every=3)
+    due = lambda d: {k for k, v in d._asdict().items() if v}  # noqa: E731
+    assert {s: due(cadence(s, run, 12)) for s in range(1, 13)} == {
+        1: set(), 2: set(), 3: {"checkpoint"}, 4: {"log"}, 5: {"evaluate"}, 6: {"checkpoint"}, 7: set(),
+        8: {"log"}, 9: {"checkpoint"}, 10: {"evaluate"}, 11: set(), 12: {"log", "checkpoint", "evaluate", "last"}}
+    # the time limit ends the run at any step, with everything once more
+    assert cadence(7, run, 12, time_up=True) == Due(log=True, evaluate=True, checkpoint=True, stop=False, last=True)
+    # a signal: a line and a checkpoint, no evaluation, also where one was due and at the end
+    signalled = Due(log=True, evaluate=False, checkpoint=True, stop=True, last=False)
+    assert cadence(5, run, 12, signalled=True) == cadence(12, run, 12, True, True) == signalled
+    # no step limit: never the end by length; checkpoints default to the evaluations' cadence
+    run = RunConfig(log_every=10, eval_every=5)
+    assert due(cadence(5, run, None)) == {"evaluate", "checkpoint"}
+    assert due(cadence(10, run, None)) == {"log", "evaluate", "checkpoint"}
+    assert due(cadence(10**6 + 1, run, None)) == set()
 
 
 def test_cadence_length_best_and_numbers(tmp_path):
@@ -93,7 +115,7 @@ def test_cadence_length_best_and_numbers(tmp_path):
     assert [x["best"] for x in evals if "best" in x] == [True] * sum("best" in x for x in evals)
     # Adam (betas 0.9/0.95, eps 1e-8, lr 0.05, no decay) on the same batches, in float64
     w, m, v = np.zeros(3), np.zeros(3), np.zeros(3)
-    toy = Toy(ToyRun(steps=12), tmp_path, None, {})
+    toy = Toy(ToyRun(steps=12), tmp_path)
     for t in range(1, 13):
         b = toy.batch(t - 1)
         err = b["x"] @ w - b["y"]
@@ -105,7 +127,9 @@ def test_cadence_length_best_and_numbers(tmp_path):
     assert recs[0]["epoch"] == 0.8 and np.isclose(recs[0]["lr"], 0.05) and "abs" in recs[0]
     assert (tmp_path / "curves.png").is_file()
     stored = json.loads((tmp_path / "run.json").read_text())
-    assert stored["steps"] == 12 and stored["lr"] == 0.05  # the preset's run fields were applied
+    # the task's defaults, then the preset's run fields (over the defaults), then the caller's
+    assert stored["steps"] == 12 and stored["lr"] == 0.05 and stored["weight_decay"] == 0.0
+    assert stored["preset"] == "toy" and stored["log_every"] == 4 and Toy.run_defaults()["log_every"] == 3
 
 
 @pytest.mark.slow

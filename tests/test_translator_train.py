@@ -15,12 +15,12 @@ import pytest
 import sacrebleu
 from sigterm import sigterm_after_logging
 
-from jaxformer.train.checkpoints import Checkpoints, restore_pytree
 from jaxformer.errors import InputError
+from jaxformer.train.checkpoints import Checkpoints, restore_pytree
 from jaxformer.train.loop import train
 from jaxformer.translator.config import TranslatorConfig, preset
-from jaxformer.translator.translate import TranslationPipeline
 from jaxformer.translator.train import TranslatorTask
+from jaxformer.translator.translate import TranslationPipeline
 
 pytestmark = pytest.mark.slow  # the whole module: end-to-end runs
 
@@ -37,7 +37,7 @@ def fra_txt(data_root, tmp_path_factory) -> Path:
     return path
 
 
-def run_cfg(fra_txt, **kw) -> dict:
+def run_fields(fra_txt, **kw) -> dict:
     return dict(data=str(fra_txt), preset="tiny", log_every=4, eval_every=8, **kw)
 
 
@@ -45,7 +45,7 @@ def run_cfg(fra_txt, **kw) -> dict:
 def trained(fra_txt, tmp_path_factory):
     """A run of 16 steps without interruption."""
     out = tmp_path_factory.mktemp("full")
-    result = train(TranslatorTask, out, run=run_cfg(fra_txt, steps=16), progress=False)
+    result = train(TranslatorTask, out, run=run_fields(fra_txt, steps=16), progress=False)
     return out, jax.device_get(result["state"])
 
 
@@ -55,7 +55,7 @@ def records(out: Path) -> list[dict]:
 
 def test_resume_reproduces_the_uninterrupted_run(fra_txt, trained, tmp_path):
     full_dir, full = trained
-    train(TranslatorTask, tmp_path, run=run_cfg(fra_txt, steps=6), progress=False)  # stopped off the log grid
+    train(TranslatorTask, tmp_path, run=run_fields(fra_txt, steps=6), progress=False)  # stopped off the log grid
     state = train(TranslatorTask, tmp_path, run=dict(steps=16), resume=True, progress=False)["state"]
     assert int(state.step) == 16
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.params), full.params)
@@ -113,7 +113,7 @@ def test_translate_and_eval_scripts(trained, tmp_path):
 
 def test_refuses_to_overwrite_a_run_without_resume(fra_txt, trained):
     with pytest.raises(InputError, match="already holds a run: pass --resume"):
-        train(TranslatorTask, trained[0], run=run_cfg(fra_txt, steps=16), progress=False)
+        train(TranslatorTask, trained[0], run=run_fields(fra_txt, steps=16), progress=False)
 
 
 def losses(out: Path) -> dict[int, tuple]:
@@ -128,7 +128,7 @@ def test_mesh_data4_fsdp2_matches_one_device(trained, fra_txt, tmp_path):
         from jaxformer.train.loop import train
         from jaxformer.translator.train import TranslatorTask
         assert jax.device_count() == 8
-        r = train(TranslatorTask, {str(tmp_path)!r}, run={run_cfg(fra_txt, steps=16)!r}, progress=False,
+        r = train(TranslatorTask, {str(tmp_path)!r}, run={run_fields(fra_txt, steps=16)!r}, progress=False,
                   mesh="data=4,fsdp=2")
         emb = r["state"].params["embed"]["embedding"]
         print("SPEC", emb.sharding.spec, len(emb.addressable_shards))

@@ -120,17 +120,20 @@ def check_output(path: str | Path, overwrite: bool = False) -> Path:
 
 # --- flags from configs ----------------------------------------------------------------------------
 
-def add_config_flags(ap: argparse.ArgumentParser, cls, prefix: str = "", title: str | None = None) -> None:
+def add_config_flags(ap: argparse.ArgumentParser, cls, prefix: str = "", title: str | None = None,
+                     defaults: dict | None = None) -> None:
     """One flag per field of the dataclass ``cls``: ``--{prefix}field-name VALUE`` (several values
-    for a list field) with the field's help and default. Flags that are not given are absent from
-    the parsed namespace (so presets and stored settings apply); :func:`overrides` collects them."""
+    for a list field) with the field's help and default (``defaults[name]`` where given, else the
+    dataclass's). Flags that are not given are absent from the parsed namespace (so presets and
+    stored settings apply); :func:`overrides` collects them."""
     group = ap.add_argument_group(title) if title else ap
     types = field_types(cls)
     for f in dataclasses.fields(cls):
         flag = f"--{prefix}{f.name.replace('_', '-')}"
         tp = types[f.name]
         many = getattr(tp, "__origin__", None) is tuple  # values: several, or comma-separated
-        default = ",".join(map(str, f.default)) if many else f.default
+        default = (defaults or {}).get(f.name, f.default)
+        default = ",".join(map(str, default)) if many else default
         help_ = f"{f.metadata.get('help', '')} (default: {default})".replace("%", "%%")
         group.add_argument(flag, dest=f"{prefix}{f.name}", default=argparse.SUPPRESS, help=help_,
                            nargs="+" if many else None, metavar="VALUE", type=_argtype(tp, flag))
@@ -193,7 +196,9 @@ def train_main(argv, task_cls, doc: str, prog: str) -> int:
     ap.add_argument("--set", action="append", metavar="FIELD=VALUE",
                     help="set any setting by name, e.g. --set schedule=cosine or --set model.n_layer=4 (repeatable)")
     distributed.add_arguments(ap)
-    add_config_flags(ap, task_cls.run_config, title="run settings (run.json; presets may change the defaults)")
+    presets = ", ".join(task_cls.presets)
+    add_config_flags(ap, task_cls.run_config, defaults=task_cls.run_defaults(),
+                     title=f"run settings (run.json; the defaults shown are the default preset's; presets: {presets})")
     add_config_flags(ap, task_cls.model_config, "model.", "architecture (config.json; fresh runs only)")
     args = ap.parse_args(argv)
 

@@ -17,16 +17,17 @@ import numpy as np
 from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers, trainers
 
 from jaxformer.data import datasets
-from jaxformer.errors import InputError
-from jaxformer.data.textfile import read_text
 from jaxformer.data.bpe import train_bpe
+from jaxformer.data.textfile import read_text
+from jaxformer.errors import InputError
 from jaxformer.gpt2.tokenizer import EOS, GPT2Tokenizer
 
 UNK = "<unk>"
 
 
 def resolve_paths(data) -> list[Path]:
-    """Files for ``data`` entries: paths, or data set names (``tinyshakespeare``, see :mod:`jaxformer.data.datasets`)."""
+    """Files for ``data`` entries: paths, or data set names (``tinyshakespeare``, see
+    :mod:`jaxformer.data.datasets`)."""
     return [datasets.locate(d) if d in datasets.DATASETS else datasets.locate(d, d) for d in data]
 
 
@@ -98,6 +99,22 @@ def split(tokens: np.ndarray, val_fraction: float) -> tuple[np.ndarray, np.ndarr
     return tokens[:cut], tokens[cut:]
 
 
+def write_splits(out: Path, tokens: np.ndarray, val_fraction: float) -> None:
+    """Writes the two parts of :func:`split` as ``out/data/{train,val}.npy`` (int32[n] each)."""
+    (out / "data").mkdir(parents=True, exist_ok=True)
+    for name, part in zip(("train", "val"), split(tokens, val_fraction)):
+        np.save(out / "data" / f"{name}.npy", part)
+
+
+def open_splits(run, out: Path) -> tuple["Windows", "Windows"]:
+    """(training, validation) windows of ``run.seq_len`` tokens for the GPT-2 run ``run`` (its
+    GPT2RunConfig) in ``out``: the token streams :func:`write_splits` wrote, memory-mapped. Both
+    offer ``len()``, ``train_batch(seed, step, grad_accum, batch_size)``,
+    ``eval_batches(batch_size, max_batches)`` and ``head(n)``; the only place the trainer gets its data from."""
+    train, val = (np.load(out / "data" / f"{name}.npy", mmap_mode="r") for name in ("train", "val"))
+    return Windows(train, run.seq_len, "the training split"), Windows(val, run.seq_len, "the validation split")
+
+
 class Windows:
     """Non-overlapping windows of ``seq_len + 1`` tokens over a token stream.
 
@@ -113,6 +130,10 @@ class Windows:
 
     def __len__(self) -> int:
         return self.n
+
+    def head(self, n: int) -> list[int]:
+        """The first ``n`` tokens of the stream."""
+        return self.tokens[:n].tolist()
 
     def take(self, idx: np.ndarray) -> np.ndarray:
         """int32[*idx.shape, seq_len + 1] for window indices ``idx``."""

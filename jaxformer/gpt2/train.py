@@ -14,29 +14,26 @@ import math
 from pathlib import Path
 
 import jax.numpy as jnp
-import numpy as np
 
 from jaxformer.config import param
-from jaxformer.train.distributed import on_first_process
 from jaxformer.errors import InputError
-from jaxformer.train.flops import gpt2_flops_per_token
 from jaxformer.gpt2 import data as gdata
 from jaxformer.gpt2.config import PRESETS, GPT2Config, preset
 from jaxformer.gpt2.generate import generate
 from jaxformer.gpt2.model import GPT2, init_params
-from jaxformer.train.loop import Task
-from jaxformer.nn.losses import cross_entropy
 from jaxformer.gpt2.tokenizer import GPT2Tokenizer
+from jaxformer.nn.losses import cross_entropy
+from jaxformer.train.distributed import on_first_process
+from jaxformer.train.flops import gpt2_flops_per_token
 from jaxformer.train.run import RunConfig
 from jaxformer.train.step import LossFn
+from jaxformer.train.task import Task
 
 
 @dataclasses.dataclass(frozen=True)
 class GPT2RunConfig(RunConfig):
     """GPT-2 run settings (``run.json``); the architecture is the preset's, or ``--init``'s."""
 
-    preset: str = param("tiny", "architecture preset", choices=tuple(PRESETS))
-    steps: int | None = param(1000, "stop after this many updates", ge=1, resumable=True)
     data: tuple[str, ...] = param(("tinyshakespeare",), ".txt files (one document each), .jsonl files (one "
                                                         "per line), or the data set name tinyshakespeare")
     text_field: str = param("text", "JSONL field holding the text")
@@ -76,64 +73,58 @@ class GPT2Task(Task):
     run_config = GPT2RunConfig
     model_config = GPT2Config
     presets = {name: (fields, {}) for name, fields in PRESETS.items()}
+    defaults = dict(preset="tiny", steps=1000)
     best_metric, higher_is_better = "val_loss", False
     plot_panels = [dict(title="GPT-2 training loss", ylabel="cross-entropy per token",
                         series=[("train", "loss", "-"), ("validation", "val_loss", "o-")])]
 
-    def __init__(self, cfg: GPT2RunConfig, out: Path, config: GPT2Config | None, model_overrides: dict,
-                 batch_shards: int = 1):
-        self.cfg, self.out = cfg, out
-        if cfg.export_hf and Path(cfg.export_hf).exists() and any(Path(cfg.export_hf).iterdir()):
-            raise InputError(f"export_hf={cfg.export_hf}: the directory already holds files; choose a new one")
-        if config is None:
-            self.pretrained = self._prepare(model_overrides)
-        self.config = GPT2Config.load(out / "config.json")
-        self.tokenizer = GPT2Tokenizer.from_dir(out)
-        train_tokens, val_tokens = (np.load(out / "data" / f"{n}.npy", mmap_mode="r") for n in ("train", "val"))
-        if self.config.weights != "float":
-            raise InputError(f"the model's weights are {self.config.weights} (for decoding); training needs float "
-                             "weights: start from a float checkpoint")
-        if cfg.seq_len > self.config.n_positions:
-            raise InputError(f"seq_len={cfg.seq_len} exceeds the model's n_positions={self.config.n_positions}")
-        self.train_windows = gdata.Windows(train_tokens, cfg.seq_len, "the training split")
-        self.val_windows = gdata.Windows(val_tokens, cfg.seq_len, "the validation split")
-        self._eval_batches = self.val_windows.eval_batches(cfg.batch_size, cfg.eval_batches)
-        self.grad_accum = cfg.grad_accum
-        self.steps_per_epoch = max(1, len(self.train_windows) // (cfg.batch_size * cfg.grad_accum))
-        self.flops_per_token = gpt2_flops_per_token(self.config, cfg.seq_len)
-        self.d_model = self.config.n_embd
-        self.prompt = self.tokenizer.encode(cfg.prompt) if cfg.prompt else val_tokens[:8].tolist()
-        if cfg.sample_tokens > 0 and len(self.prompt) >= self.config.n_positions:
-            raise InputError(f"prompt: {len(self.prompt)} tokens leave no room to sample in the model's context of "
-                             f"{self.config.n_positions}")
-
-    def _prepare(self, model_overrides: dict):
-        """A fresh run: the model config, tokenizer and token streams, written by process 0; returns
-        ``--init``'s params (every process loads them) or None."""
-        cfg, out = self.cfg, self.out
+    @classmethod
+    def prepare(cls, run: GPT2RunConfig, out: Path, model_overrides: dict):
+        """``config.json`` (the preset's architecture, or ``--init``'s), ``tokenizer.json`` and the
+        token streams, written by process 0; returns ``--init``'s params (every process loads them)
+        or None."""
+        _check_export(run)
         pretrained = init_tok = config = None
-        if cfg.init is not None:
+        if run.init is not None:
             from jaxformer.gpt2.pretrained import load_pretrained
-            config, pretrained, init_tok = load_pretrained(cfg.init, scan_layers=True, **model_overrides)
+            config, pretrained, init_tok = load_pretrained(run.init, scan_layers=True, **model_overrides)
 
         def write(config=config):
-            texts = gdata.read_texts(gdata.resolve_paths(cfg.data), cfg.text_field)
-            tok = init_tok or gdata.load_tokenizer(cfg.tokenizer, texts)
-            if cfg.init is None:
-                base = preset(cfg.preset)
-                config = base.replace(vocab_size=tok.vocab_size, n_positions=max(base.n_positions, cfg.seq_len),
+            texts = gdata.read_texts(gdata.resolve_paths(run.data), run.text_field)
+            tok = init_tok or gdata.load_tokenizer(run.tokenizer, texts)
+            if run.init is None:
+                base = preset(run.preset)
+                config = base.replace(vocab_size=tok.vocab_size, n_positions=max(base.n_positions, run.seq_len),
                                       bos_token_id=tok.eos_id, eos_token_id=tok.eos_id, **model_overrides)
             if tok.vocab_size > config.vocab_size:
                 raise InputError(f"the tokenizer has {tok.vocab_size} tokens, the model's vocab_size is "
                                  f"{config.vocab_size}")
-            train_tokens, val_tokens = gdata.split(gdata.tokenize(tok, texts), cfg.val_fraction)
-            (out / "data").mkdir(parents=True, exist_ok=True)
-            np.save(out / "data" / "train.npy", train_tokens)
-            np.save(out / "data" / "val.npy", val_tokens)
+            gdata.write_splits(out, gdata.tokenize(tok, texts), run.val_fraction)
             tok.tokenizer.save(str(out / "tokenizer.json"))
             config.save(out / "config.json")
         on_first_process("jaxformer-gpt2-data", write)
         return pretrained
+
+    def __init__(self, run: GPT2RunConfig, out: Path, batch_shards: int = 1):
+        super().__init__(run, out, batch_shards)
+        _check_export(run)
+        config = self.config
+        if config.weights != "float":
+            raise InputError(f"the model's weights are {config.weights} (for decoding); training needs float "
+                             "weights: start from a float checkpoint")
+        if run.seq_len > config.n_positions:
+            raise InputError(f"seq_len={run.seq_len} exceeds the model's n_positions={config.n_positions}")
+        self.tokenizer = GPT2Tokenizer.from_dir(out)
+        self.train_windows, self.val_windows = gdata.open_splits(run, out)
+        self._eval_batches = self.val_windows.eval_batches(run.batch_size, run.eval_batches)
+        self.grad_accum = run.grad_accum
+        self.steps_per_epoch = max(1, len(self.train_windows) // (run.batch_size * run.grad_accum))
+        self.flops_per_token = gpt2_flops_per_token(config, run.seq_len)
+        self.d_model = config.n_embd
+        self.prompt = self.tokenizer.encode(run.prompt) if run.prompt else self.val_windows.head(8)
+        if run.sample_tokens > 0 and len(self.prompt) >= config.n_positions:
+            raise InputError(f"prompt: {len(self.prompt)} tokens leave no room to sample in the model's context of "
+                             f"{config.n_positions}")
 
     def init_params(self, key):
         return init_params(self.config, key)
@@ -142,27 +133,33 @@ class GPT2Task(Task):
         return make_loss_fn(self.config, deterministic)
 
     def batch(self, step: int):
-        windows = self.train_windows.train_batch(self.cfg.seed, step, self.cfg.grad_accum, self.cfg.batch_size)
-        return windows if self.cfg.grad_accum > 1 else windows[0]
+        windows = self.train_windows.train_batch(self.run.seed, step, self.run.grad_accum, self.run.batch_size)
+        return windows if self.run.grad_accum > 1 else windows[0]
 
     def eval_batches(self) -> list:
         return self._eval_batches
 
     def evaluate(self, params, step: int, record: dict) -> dict:
         extra = dict(val_ppl=math.exp(min(record["val_loss"], 700.0)))
-        if self.cfg.sample_tokens > 0:
-            n = min(self.cfg.sample_tokens, self.config.n_positions - len(self.prompt))
+        if self.run.sample_tokens > 0:
+            n = min(self.run.sample_tokens, self.config.n_positions - len(self.prompt))
             new = generate(params, self.config, [self.prompt], temperature=0.8, top_p=0.95, seed=step,
                            max_new_tokens=n)[0]
             extra["sample"] = self.tokenizer.decode(self.prompt + new)
         return extra
 
     def finish(self, params) -> None:
-        if self.cfg.export_hf:
+        if self.run.export_hf:
             from jaxformer.gpt2.hf import save_hf
-            save_hf(self.cfg.export_hf, self.config, params, tokenizer_dir=self.out)
-            print(f"exported a Hugging Face model to {self.cfg.export_hf}")
+            save_hf(self.run.export_hf, self.config, params, tokenizer_dir=self.out)
+            print(f"exported a Hugging Face model to {self.run.export_hf}")
 
     def describe(self) -> str:
         return (f"{len(self.train_windows):,} train / {len(self.val_windows):,} validation windows of "
-                f"{self.cfg.seq_len} tokens; {self.config.dtype} compute; {self.flops_per_token:.3g} FLOPs/token")
+                f"{self.run.seq_len} tokens; {self.config.dtype} compute; {self.flops_per_token:.3g} FLOPs/token")
+
+
+def _check_export(run: GPT2RunConfig) -> None:
+    """``export_hf`` must name a new or empty directory."""
+    if run.export_hf and Path(run.export_hf).exists() and any(Path(run.export_hf).iterdir()):
+        raise InputError(f"export_hf={run.export_hf}: the directory already holds files; choose a new one")

@@ -9,18 +9,18 @@ from jaxformer.errors import InputError
 from jaxformer.train.run import RunConfig
 
 
-def make_schedule(cfg: RunConfig, d_model: int | None = None) -> optax.Schedule:
-    """The learning rate of ``cfg.schedule``; ``noam`` needs the model width ``d_model``, ``cosine``
-    a resolved ``cfg.schedule_steps``."""
-    if cfg.schedule == "noam":
+def make_schedule(run: RunConfig, d_model: int | None = None) -> optax.Schedule:
+    """The learning rate of ``run.schedule``; ``noam`` needs the model width ``d_model``, ``cosine``
+    a resolved ``run.schedule_steps``."""
+    if run.schedule == "noam":
         if d_model is None:
             raise InputError("schedule=noam needs a model width (d_model); use cosine or constant")
-        return noam(d_model, cfg.warmup, cfg.lr)
-    if cfg.schedule == "constant":
-        return optax.linear_schedule(0.0, cfg.lr, cfg.warmup) if cfg.warmup else optax.constant_schedule(cfg.lr)
-    if cfg.schedule_steps is None:
+        return noam(d_model, run.warmup, run.lr)
+    if run.schedule == "constant":
+        return optax.linear_schedule(0.0, run.lr, run.warmup) if run.warmup else optax.constant_schedule(run.lr)
+    if run.schedule_steps is None:
         raise InputError("schedule=cosine needs the run's length: give steps, epochs or schedule_steps")
-    return warmup_cosine(cfg.lr, cfg.warmup, cfg.schedule_steps, cfg.min_lr_ratio)
+    return warmup_cosine(run.lr, run.warmup, run.schedule_steps, run.min_lr_ratio)
 
 
 def noam(d_model: int, warmup_steps: int, factor: float = 1.0) -> optax.Schedule:
@@ -46,11 +46,11 @@ def decay_mask(params):
     return jax.tree_util.tree_map_with_path(lambda path, _: path[-1].key in ("kernel", "lm_head"), params)
 
 
-def make_optimizer(cfg: RunConfig, schedule) -> optax.GradientTransformation:
-    """``cfg.optimizer``: ``"adam"`` or ``"adamw"`` (decoupled decay on :func:`decay_mask`'s params),
-    after clipping the global gradient norm when ``cfg.clip_norm > 0``."""
-    if cfg.optimizer == "adam":
-        opt = optax.adam(schedule, cfg.b1, cfg.b2, cfg.eps)
+def make_optimizer(run: RunConfig, schedule) -> optax.GradientTransformation:
+    """``run.optimizer``: ``"adam"`` or ``"adamw"`` (decoupled decay on :func:`decay_mask`'s params),
+    after clipping the global gradient norm when ``run.clip_norm > 0``."""
+    if run.optimizer == "adam":
+        opt = optax.adam(schedule, run.b1, run.b2, run.eps)
     else:
-        opt = optax.adamw(schedule, cfg.b1, cfg.b2, cfg.eps, weight_decay=cfg.weight_decay, mask=decay_mask)
-    return optax.chain(optax.clip_by_global_norm(cfg.clip_norm), opt) if cfg.clip_norm > 0 else opt
+        opt = optax.adamw(schedule, run.b1, run.b2, run.eps, weight_decay=run.weight_decay, mask=decay_mask)
+    return optax.chain(optax.clip_by_global_norm(run.clip_norm), opt) if run.clip_norm > 0 else opt

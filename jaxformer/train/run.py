@@ -9,9 +9,10 @@ from jaxformer.config import Config, param
 
 @dataclasses.dataclass(frozen=True)
 class RunConfig(Config):
-    """Run settings both trainers share (stored in ``OUT/run.json``); each trainer's run config adds
-    its data and evaluation fields and may change these defaults. ``resumable`` fields are the ones
-    ``--resume`` may change (:func:`jaxformer.config.resume_changes`)."""
+    """Run settings both trainers share (stored in ``OUT/run.json``); each trainer's run config only
+    adds fields (its data and evaluation); a trainer's other defaults are its task's ``defaults``
+    (:meth:`jaxformer.train.task.Task.run_defaults`). ``resumable`` fields are the ones ``--resume``
+    may change (:func:`jaxformer.config.resume_changes`)."""
 
     preset: str = param("default", "named setup of the model (and run defaults)")
     steps: int | None = param(None, "stop after this many updates", ge=1, resumable=True)

@@ -16,7 +16,6 @@ import optax
 
 from jaxformer.train import sharding as sh
 
-
 LossFn = Callable[[Any, Any, jax.Array | None], tuple[jax.Array, tuple[jax.Array, dict]]]
 
 

@@ -49,12 +49,12 @@ def parse(lines: list[bytes]) -> tuple[list[tuple[str, str]], int]:
     return pairs, bad
 
 
-def load_pairs(path: str | Path | None = None) -> list[tuple[str, str]]:
+def load_pairs(path: str | Path | None = None, report: bool = True) -> list[tuple[str, str]]:
     """Reads the pairs of ``path`` (default: the ``fra-eng`` data set, see :mod:`jaxformer.data.datasets`),
-    reporting skipped malformed lines on stderr."""
+    reporting skipped malformed lines on stderr (with ``report``)."""
     path = datasets.locate("fra-eng", path)
     pairs, bad = parse(_lines(path))
-    if bad:
+    if bad and report:
         print(f"{path}: skipped {bad} malformed line(s)", file=sys.stderr)
     if not pairs:
         raise InputError(f"{path}: no English-French pairs (expected tab-separated lines)")

@@ -15,25 +15,24 @@ from pathlib import Path
 import sacrebleu
 
 from jaxformer.config import param
-from jaxformer.train.distributed import on_first_process
 from jaxformer.errors import InputError
-from jaxformer.train.loop import Task
 from jaxformer.nn.losses import cross_entropy
+from jaxformer.train.distributed import on_first_process
 from jaxformer.train.run import RunConfig
 from jaxformer.train.step import LossFn
+from jaxformer.train.task import Task
 from jaxformer.translator import data as tdata
 from jaxformer.translator import tokenizer as tk
 from jaxformer.translator.batching import Batcher
 from jaxformer.translator.config import PRESETS, TranslatorConfig
-from jaxformer.translator.translate import TranslationPipeline
 from jaxformer.translator.model import Translator, init_params
+from jaxformer.translator.translate import TranslationPipeline
 
 
 @dataclasses.dataclass(frozen=True)
 class TranslatorRunConfig(RunConfig):
     """Translator run settings (``run.json``). Give a length: ``steps``, ``epochs`` or ``max_minutes``."""
 
-    preset: str = param("default", "architecture and run defaults (book, default, tiny)", choices=tuple(PRESETS))
     data: str | None = param(None, "fra-eng.zip or the fra.txt inside it (default: the fra-eng data set)")
     label_smoothing: float = param(0.1, "label smoothing of the cross-entropy", ge=0, lt=1)
     batch_tokens: int = param(4096, "padded tokens (rows x padded length) per batch", ge=1)
@@ -42,22 +41,11 @@ class TranslatorRunConfig(RunConfig):
                                      ge=2)
     eval_sentences: int = param(1000, "validation sentences translated for BLEU at each evaluation", ge=1,
                                 resumable=True)
-    # The Transformer paper's optimizer and schedule.
-    lr: float = param(1.0, "peak learning rate (noam: the factor before d_model^-0.5)", gt=0)
-    schedule: str = param("noam", "cosine: warm-up then cosine decay; noam: warm-up then 1/sqrt(step); "
-                                  "constant: warm-up then flat", choices=("cosine", "noam", "constant"))
-    warmup: int = param(2000, "linear warm-up steps", ge=0)
-    weight_decay: float = param(0.01, "AdamW decoupled weight decay", ge=0)
-    clip_norm: float = param(0.0, "clip the global gradient norm to this (0: off)", ge=0)
-    b2: float = param(0.98, "Adam beta2", ge=0, lt=1)
-    eps: float = param(1e-9, "Adam epsilon", gt=0)
-    log_every: int = param(50, "steps between logged training metrics", ge=1, resumable=True)
-    eval_every: int = param(1000, "steps between evaluations", ge=1, resumable=True)
 
 
-def make_loss_fn(cfg: TranslatorConfig, label_smoothing: float, deterministic: bool = False) -> LossFn:
+def make_loss_fn(config: TranslatorConfig, label_smoothing: float, deterministic: bool = False) -> LossFn:
     """``loss_fn(params, batch, key) -> (loss sum, (tokens, {"nll": nll sum}))`` (see make_train_step)."""
-    model = Translator(cfg, deterministic=deterministic)
+    model = Translator(config, deterministic=deterministic)
 
     def loss_fn(params, batch, key):
         rngs = None if deterministic else {"dropout": key}
@@ -75,6 +63,9 @@ class TranslatorTask(Task):
     run_config = TranslatorRunConfig
     model_config = TranslatorConfig
     presets = PRESETS
+    # The Transformer paper's optimizer and schedule, and a slower cadence than GPT-2's.
+    defaults = dict(lr=1.0, schedule="noam", warmup=2000, weight_decay=0.01, clip_norm=0.0, b2=0.98, eps=1e-9,
+                    log_every=50, eval_every=1000)
     best_metric = "bleu"
     plot_panels = [
         dict(title="loss", ylabel="loss per target token",
@@ -82,42 +73,42 @@ class TranslatorTask(Task):
         dict(title="validation (greedy)", series=[("BLEU", "bleu", "o-"), ("chrF", "chrf", "s--")]),
     ]
 
-    def __init__(self, cfg: TranslatorRunConfig, out: Path, config: TranslatorConfig | None, model_overrides: dict,
-                 batch_shards: int = 1):
-        self.cfg, self.out = cfg, out
-        fresh = config is None
-        if fresh:
-            config = TranslatorConfig(**{**PRESETS[cfg.preset][0], **model_overrides})
-        if cfg.buckets[-1] != config.max_len or list(cfg.buckets) != sorted(set(cfg.buckets)):
-            raise InputError(f"buckets={cfg.buckets} must be increasing and end at the model's max_len={config.max_len}")
-        splits = tdata.split_pairs(tdata.load_pairs(cfg.data))
-        if not splits["train"] or not splits["valid"]:
-            raise InputError(f"{cfg.data or 'the fra-eng data set'}: too few pairs for a training and a validation "
-                             f"split ({ {k: len(v) for k, v in splits.items()} })")
+    @classmethod
+    def prepare(cls, run: TranslatorRunConfig, out: Path, model_overrides: dict) -> None:
+        """``config.json``, the joint BPE trained on the training split (``tokenizer.json``) and
+        ``data/{valid,test}.{en,fr}``, written by process 0."""
+        config = TranslatorConfig(**{**PRESETS[run.preset][0], **model_overrides})
+        if run.buckets[-1] != config.max_len or list(run.buckets) != sorted(set(run.buckets)):
+            raise InputError(f"buckets={run.buckets} must be increasing and end at the model's "
+                             f"max_len={config.max_len}")
+
         def write():
+            splits = _splits(run, report=False)  # the task reports them when it reads the pairs
             (out / "data").mkdir(exist_ok=True)
             for name in ("valid", "test"):
                 tdata.write_split(splits[name], out / "data" / name)
-            if fresh:
-                train = splits["train"]
-                tok = tk.train_tokenizer([p[0] for p in train] + [p[1] for p in train], config.vocab_size)
-                tok.save(str(out / "tokenizer.json"))
-                config.save(out / "config.json")
+            train = splits["train"]
+            tok = tk.train_tokenizer([p[0] for p in train] + [p[1] for p in train], config.vocab_size)
+            tok.save(str(out / "tokenizer.json"))
+            config.save(out / "config.json")
         on_first_process("jaxformer-translator-data", write)
-        self.config = config
+
+    def __init__(self, run: TranslatorRunConfig, out: Path, batch_shards: int = 1):
+        super().__init__(run, out, batch_shards)
+        splits = _splits(run)
         self.tokenizer = tk.load_tokenizer(out / "tokenizer.json")
         enc = lambda ps, i: tk.encode(self.tokenizer, [p[i] for p in ps])  # noqa: E731
         # Batch rows are multiples of 8 and of the mesh's batch shards.
-        self.train_batches = Batcher(enc(splits["train"], 0), enc(splits["train"], 1), cfg.buckets,
-                                     cfg.batch_tokens, cfg.max_batch_sentences, row_multiple=batch_shards)
-        self.valid_batches = Batcher(enc(splits["valid"], 0), enc(splits["valid"], 1), cfg.buckets,
-                                     cfg.batch_tokens, row_multiple=batch_shards)
+        self.train_batches = Batcher(enc(splits["train"], 0), enc(splits["train"], 1), run.buckets,
+                                     run.batch_tokens, run.max_batch_sentences, row_multiple=batch_shards)
+        self.valid_batches = Batcher(enc(splits["valid"], 0), enc(splits["valid"], 1), run.buckets,
+                                     run.batch_tokens, row_multiple=batch_shards)
         if not len(self.train_batches):
-            raise InputError(f"no training pair fits max_len={config.max_len} tokens")
-        step = max(1, len(splits["valid"]) // cfg.eval_sentences)
-        self.bleu_pairs = splits["valid"][::step][:cfg.eval_sentences]  # spread over all lengths
+            raise InputError(f"no training pair fits max_len={self.config.max_len} tokens")
+        stride = max(1, len(splits["valid"]) // run.eval_sentences)
+        self.bleu_pairs = splits["valid"][::stride][:run.eval_sentences]  # spread over all lengths
         self.steps_per_epoch = len(self.train_batches)
-        self.d_model = config.d_model
+        self.d_model = self.config.d_model
         self.split_sizes = {k: len(v) for k, v in splits.items()}
         self._next_step, self._stream = None, None
 
@@ -125,13 +116,13 @@ class TranslatorTask(Task):
         return init_params(self.config, key)
 
     def loss_fn(self, deterministic: bool) -> LossFn:
-        return make_loss_fn(self.config, self.cfg.label_smoothing, deterministic)
+        return make_loss_fn(self.config, self.run.label_smoothing, deterministic)
 
     def _batches_from(self, step: int):
         """The training batches from ``step`` on, epoch after epoch (the same on every resume)."""
         epoch, start = divmod(step, self.steps_per_epoch)
         while True:
-            yield from self.train_batches.epoch(self.cfg.seed, epoch, start)
+            yield from self.train_batches.epoch(self.run.seed, epoch, start)
             epoch, start = epoch + 1, 0
 
     def batch(self, step: int):
@@ -155,3 +146,13 @@ class TranslatorTask(Task):
     def describe(self) -> str:
         return (f"pairs per split {self.split_sizes}; {len(self.train_batches)} training batches per epoch, "
                 f"{self.train_batches.dropped} overlong pairs dropped; batch shapes {self.train_batches.shapes()}")
+
+
+def _splits(run: TranslatorRunConfig, report: bool = True) -> dict[str, list[tuple[str, str]]]:
+    """The train/valid/test pairs of ``run.data``; InputError when training or validation has none.
+    ``report``: print the number of malformed lines skipped."""
+    splits = tdata.split_pairs(tdata.load_pairs(run.data, report))
+    if not splits["train"] or not splits["valid"]:
+        raise InputError(f"{run.data or 'the fra-eng data set'}: too few pairs for a training and a validation "
+                         f"split ({ {k: len(v) for k, v in splits.items()} })")
+    return splits
