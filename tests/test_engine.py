@@ -7,13 +7,14 @@ import time
 
 import numpy as np
 import pytest
+import torch
 
 from jaxformer.errors import InputError
 from jaxformer.gpt2.generate import generate
 from jaxformer.gpt2.pretrained import load_pretrained
-from jaxformer.serve.app import Choice, Translations
-from jaxformer.serve.engine import ENGINE_THREAD, Engine, QueueFull, Sampling, Sequence, Token, compilations
-from jaxformer.gpt2.tokenizer import GPT2Tokenizer
+from jaxformer.serve.compilations import compilations
+from jaxformer.serve.engine import ENGINE_THREAD, Engine, QueueFull, Sampling, Sequence
+from jaxformer.serve.translations import TranslationWorker
 
 
 @pytest.fixture(scope="module")
@@ -110,17 +111,27 @@ def test_a_sequence_that_fails_to_start_ends_with_error_and_the_engine_keeps_ser
     assert wait_idle(engine, 30) and engine.queued == 0
 
 
-def test_the_end_token_is_counted_but_not_shown():
-    """What a completion shows: the tokenizer's text of the tokens before EOS (here 'The' = 464)."""
-    tok = GPT2Tokenizer.gpt2()
-    choice = Choice(0, tok, [], None, end_id=50256)
-    text = [choice.push(Token(t, -1.0, [], []))[0] for t in (464, 50256)]
-    assert "".join(text) + choice.flush() == "The" == tok.decode([464])
-    assert choice.count == 2
-    kept = Choice(0, tok, [], None, end_id=None)  # ignore_eos: EOS is an ordinary token
-    for t in (464, 50256):
-        kept.push(Token(t, -1.0, [], []))
-    assert kept.flush() == "" and kept.sent == tok.decode([464, 50256])
+@pytest.mark.slow
+def test_prompt_scores_equal_torch_and_take_no_slot(engine, hf_dir):
+    """``scored`` with ``max_tokens`` 0: the prompt's log-probabilities are log-softmax of the HF
+    PyTorch model's logits; three such sequences with two slots all finish, none holding a slot."""
+    torch_model = hf_dir("tiny")[1]
+    prompts = [[5, 17, 300, 2, 999, 41], list(range(1, 40)), [7, 7]]
+    got, runs = {}, []
+    for i, prompt in enumerate(prompts):
+        seq, tokens, done, box = sequence(prompt, Sampling(0))
+        seq.scored = lambda t, i=i: got.__setitem__(i, t)
+        runs.append((seq, tokens, done, box))
+    engine.submit([r[0] for r in runs])
+    for i, (prompt, (_, tokens, done, box)) in enumerate(zip(prompts, runs)):
+        assert done.wait(60) and box["reason"] == "length" and tokens == []
+        with torch.no_grad():
+            logp = torch.log_softmax(torch_model(torch.tensor([prompt])).logits[0].double(), -1).numpy()
+        assert [t.id for t in got[i]] == prompt and got[i][0].logprob is None
+        want = [logp[j, t] for j, t in enumerate(prompt[1:])]
+        np.testing.assert_allclose([t.logprob for t in got[i][1:]], want, atol=1e-4)
+        assert [t.top_ids[0] for t in got[i][1:]] == logp[:-1].argmax(-1).tolist()
+    assert wait_idle(engine, 30) and compilations().by_thread[ENGINE_THREAD] == 0
 
 
 def test_translation_queue_counts_the_idle_worker():
@@ -134,7 +145,7 @@ def test_translation_queue_counts_the_idle_worker():
             return [s.upper() for s in sentences]
 
     got = []
-    worker = Translations(Slow(), max_queue=0)
+    worker = TranslationWorker(Slow(), max_queue=0)
     worker.submit(["a"], 1, got.append)
     assert started.wait(30)
     with pytest.raises(QueueFull):

@@ -1,6 +1,7 @@
 """The server as clients use it: the official ``openai`` package (plain, streamed, n, stop, seeds,
-errors), many simultaneous streams, a full queue, disconnects, translations, and the web page in
-headless Chromium. Outputs are checked against ``generate()`` and ``TranslationPipeline.translate``."""
+errors, echo with logprobs), lm-eval's ``local-completions`` requests, many simultaneous streams, a
+full queue, disconnects, translations, and the web page in headless Chromium. Outputs are checked
+against ``generate()``, HF PyTorch's log-probabilities and ``TranslationPipeline.translate``."""
 
 import concurrent.futures
 import json
@@ -13,8 +14,10 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import numpy as np
 import openai
 import pytest
+import torch
 
 from jaxformer.gpt2.generate import generate
 from jaxformer.gpt2.pretrained import load_pretrained
@@ -42,7 +45,7 @@ def get(url: str):
 @pytest.fixture(scope="module")
 def server(hf_dir, translator_dir, tmp_path_factory):
     """``jaxformer serve`` in a subprocess: a small full-vocabulary GPT-2 and a tiny translator."""
-    path, _ = hf_dir("small")
+    path, torch_model = hf_dir("small")
     port = free_port()
     log = tmp_path_factory.mktemp("serve") / "serve.log"
     cmd = [sys.executable, "-m", "jaxformer", "serve", "--gpt2", str(path), "--translator", str(translator_dir),
@@ -60,7 +63,7 @@ def server(hf_dir, translator_dir, tmp_path_factory):
             assert time.monotonic() < deadline, log.read_text()
             time.sleep(0.2)
     config, params, _ = load_pretrained(path, scan_layers=False)
-    yield dict(url=url, name=path.name, config=config, params=params, tok=GPT2Tokenizer.gpt2(),
+    yield dict(url=url, name=path.name, config=config, params=params, tok=GPT2Tokenizer.gpt2(), torch=torch_model,
                compilations=health["compilations"], translator=translator_dir.name, translator_dir=translator_dir)
     proc.terminate()
     proc.wait(timeout=30)
@@ -151,10 +154,71 @@ def test_errors_surface_as_openai_exceptions(server, client):
         client.completions.create(model=name, prompt="", max_tokens=2)
     with pytest.raises(openai.BadRequestError, match="top_p"):
         client.completions.create(model=name, prompt="Hi", max_tokens=2, top_p=0)
+    with pytest.raises(openai.BadRequestError, match=r"max_tokens=0: must be >= 1 \(0 only with echo\)"):
+        client.completions.create(model=name, prompt="Hi", max_tokens=0)
     req = urllib.request.Request(server["url"] + "/v1/completions", b"{not json", {"Content-Type": "application/json"})
     with pytest.raises(urllib.error.HTTPError) as e:
         urllib.request.build_opener(urllib.request.ProxyHandler({})).open(req, timeout=30)
     assert e.value.code == 400 and json.load(e.value)["error"]["code"] == "invalid_json"
+
+
+def torch_logprobs(server, ids: list[int]) -> np.ndarray:
+    """log-softmax of HF PyTorch's logits for ``ids``: [len(ids), vocab], float64."""
+    with torch.no_grad():
+        return torch.log_softmax(server["torch"](torch.tensor([ids])).logits[0].double(), -1).numpy()
+
+
+def test_echo_scores_the_prompt_as_torch_does(server, client):
+    """``echo`` + ``logprobs`` with ``max_tokens`` 0: the prompt's text and each token's
+    log-probability given those before it (None for the first), as HF PyTorch computes them."""
+    tok = server["tok"]
+    ids = tok.encode("The fox 🦊 said «bonjour» to the 日本 crowd, twice.")
+    got = client.completions.create(model=server["name"], prompt=ids, max_tokens=0, echo=True, logprobs=3)
+    c = got.choices[0]
+    assert c.text == tok.decode(ids) and c.finish_reason == "length"
+    assert got.usage.prompt_tokens == len(ids) and got.usage.completion_tokens == 0
+    lp = c.logprobs
+    assert lp.tokens == [tok.decode([i]) for i in ids] and lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    want = torch_logprobs(server, ids)
+    err = np.abs(np.array(lp.token_logprobs[1:]) - [want[j, t] for j, t in enumerate(ids[1:])]).max()
+    print(f"\n{len(ids)} prompt tokens: largest difference from PyTorch {err:.2e}")
+    assert err < 1e-4
+    np.testing.assert_allclose([max(top.values()) for top in lp.top_logprobs[1:]], want[:-1].max(-1), atol=1e-4)
+    assert all(len(top) <= 3 for top in lp.top_logprobs[1:])
+    # with generation: the prompt's text, then the completion's, in the stream as in the whole text
+    kw = dict(model=server["name"], prompt="In the beginning", max_tokens=5, temperature=0, echo=True, logprobs=1)
+    whole = client.completions.create(**kw).choices[0]
+    assert whole.text == "In the beginning" + reference(server, "In the beginning", max_new_tokens=5, greedy=True)[0]
+    assert "".join(ch.choices[0].text for ch in client.completions.create(stream=True, **kw)) == whole.text
+    n = len(tok.encode("In the beginning"))
+    assert len(whole.logprobs.tokens) == n + 5 and whole.logprobs.text_offset[n] == len("In the beginning")
+    plain = client.completions.create(model=server["name"], prompt="In the beginning", max_tokens=0, echo=True)
+    assert plain.choices[0].text == "In the beginning" and plain.choices[0].logprobs is None
+
+
+def test_lm_eval_local_completions_loglikelihoods(server):
+    """The requests lm-eval's ``local-completions`` model sends for log-likelihoods (echo, logprobs
+    1, max_tokens 1, a batch of token-id prompts), read by its own parser: each continuation's
+    summed log-probability and whether it is greedy, as HF PyTorch gives them."""
+    from types import SimpleNamespace
+
+    from lm_eval.models.openai_completions import LocalCompletionsAPI
+
+    tok = server["tok"]
+    pairs = [("The capital of France is", " Paris"), ("One, two, three,", " four, five")]
+    tokens = [tok.encode(a) + tok.encode(b) for a, b in pairs]
+    ctxlens = [len(tok.encode(a)) for a, _ in pairs]
+    payload = LocalCompletionsAPI._create_payload(SimpleNamespace(model=server["name"]), tokens, generate=False)
+    req = urllib.request.Request(server["url"] + "/v1/completions", json.dumps(payload).encode(),
+                                 {"Content-Type": "application/json"})
+    with urllib.request.build_opener(urllib.request.ProxyHandler({})).open(req, timeout=120) as r:
+        out = json.load(r)
+    got = LocalCompletionsAPI.parse_logprobs(out, tokens=tokens, ctxlens=ctxlens)
+    for (total, greedy), ids, n in zip(got, tokens, ctxlens):
+        logp = torch_logprobs(server, ids)
+        picked = [logp[j - 1, ids[j]] for j in range(n, len(ids))]
+        assert abs(total - sum(picked)) < 1e-4 * len(picked)
+        assert greedy == all(logp[j - 1].argmax() == ids[j] for j in range(n, len(ids)))
 
 
 def test_many_simultaneous_streams_complete_unmixed(server, client):
@@ -276,7 +340,7 @@ def test_page_in_headless_chromium(server, tmp_path):
 
 
 def test_no_compilation_after_warmup(server):
-    """Every completion above (prompt lengths 1-8 tokens, 1-12 sequences at once, greedy and
-    sampled, stop sequences, logprobs) reused the shapes compiled at start-up: the decoding thread
-    compiled nothing (the translator compiles its shapes as they come)."""
+    """Every completion above (prompt lengths 1-20 tokens, 1-12 sequences at once, greedy and
+    sampled, stop sequences, logprobs, scored prompts) reused the shapes compiled at start-up: the
+    decoding thread compiled nothing (the translator compiles its shapes as they come)."""
     assert get(server["url"] + "/health")["compilations_while_serving"] == 0

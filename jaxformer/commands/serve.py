@@ -47,8 +47,9 @@ def serve(args) -> int:
     import uvicorn
 
     from jaxformer.errors import InputError
-    from jaxformer.serve.app import Served, Translations, create_app
+    from jaxformer.serve.app import Served, create_app
     from jaxformer.serve.engine import Engine
+    from jaxformer.serve.translations import TranslationWorker
 
     with socket.socket() as s:  # a clear message rather than uvicorn's when the port is taken
         try:
@@ -72,7 +73,7 @@ def serve(args) -> int:
         from jaxformer.translator.translate import TranslationPipeline
 
         models.append(Served(model_name(args.translator), "translation",
-                             Translations(TranslationPipeline.load(args.translator), args.max_queue)))
+                             TranslationWorker(TranslationPipeline.load(args.translator), args.max_queue)))
     names = ", ".join(m.name for m in models)
     print(f"serving {names} on http://{args.host}:{args.port}/ (Ctrl-C stops)", file=sys.stderr, flush=True)
     uvicorn.run(create_app(models), host=args.host, port=args.port,

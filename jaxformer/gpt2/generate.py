@@ -22,7 +22,7 @@ from jaxformer.gpt2.model import GPT2
 MIN_BUCKET = 16
 
 
-def bucket(n: int, minimum: int = MIN_BUCKET) -> int:
+def pow2_bucket(n: int, minimum: int = MIN_BUCKET) -> int:
     """Smallest power of two >= max(n, minimum)."""
     return max(minimum, 1 << (max(n, 1) - 1).bit_length())
 
@@ -97,7 +97,7 @@ def generate(params, config: GPT2Config, prompts: list[list[int]], *, max_new_to
     """
     validate(config, prompts, max_new_tokens, greedy, temperature, top_k, top_p)
     n = len(prompts)
-    b, t, new = bucket(n, 1), bucket(max(map(len, prompts))), bucket(max_new_tokens)
+    b, t, new = pow2_bucket(n, 1), pow2_bucket(max(map(len, prompts))), pow2_bucket(max_new_tokens)
     tokens = np.zeros((b, t), np.int32)
     valid = np.zeros((b, t), bool)
     for i, p in enumerate(prompts + [prompts[0]] * (b - n)):  # filler rows repeat prompt 0

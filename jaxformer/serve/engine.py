@@ -10,8 +10,12 @@ end or a cancel, and its slot is taken by the next queued request at the next st
 Shapes never depend on the traffic: the cache holds ``window`` positions for every slot, where
 ``window`` is a power of two that grows (and shrinks) with the longest active sequence, so a step
 attends over what is used, not over ``n_positions``; prompts are padded to powers of two. Every
-shape is compiled at start-up (``warmup``); :func:`compilations` counts the process's
-compilations (``/health`` shows it), which stay put while serving.
+shape is compiled at start-up (``warmup``); :func:`~jaxformer.serve.compilations.compilations`
+counts the process's compilations (``/health`` shows it), which stay put while serving.
+
+A sequence may ask for its prompt's scores (each prompt token's log-probability given the tokens
+before it, and the best alternatives): one more jitted forward pass over the padded prompt, with
+logits at every position, before its prefill; with ``max_tokens`` 0 it ends there.
 
 Sampling is :func:`jaxformer.nn.decoding.sample_logits` with each slot's own temperature, top-k, top-p
 and key, all traced. Sequence ``j`` of a request with seed ``s`` draws step ``i`` from
@@ -19,10 +23,8 @@ and key, all traced. Sequence ``j`` of a request with seed ``s`` draws step ``i`
 gives what ``generate`` gives for the same prompt and settings.
 """
 
-import collections
 import dataclasses
 import functools
-import os
 import queue
 import threading
 import traceback
@@ -32,19 +34,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxformer.nn.attention import KVCache
-from jaxformer.nn.decoding import sample_logits
 from jaxformer.errors import InputError
 from jaxformer.gpt2.config import GPT2Config
+from jaxformer.gpt2.generate import pow2_bucket
 from jaxformer.gpt2.model import GPT2
+from jaxformer.nn.attention import KVCache
+from jaxformer.nn.decoding import sample_logits
+from jaxformer.serve.compilations import compilations
 
 TOP_LOGPROBS = 5  # alternatives reported per token (OpenAI's completions allow up to 5)
 ENGINE_THREAD = "jaxformer-engine"  # the decoding loop's thread (compilations there: after warm-up)
 MIN_WINDOW, MIN_PROMPT = 64, 16
-
-
-def pow2(n: int, minimum: int) -> int:
-    return max(minimum, 1 << (max(n, 1) - 1).bit_length())
 
 
 @dataclasses.dataclass
@@ -61,10 +61,11 @@ class Sampling:
 
 @dataclasses.dataclass
 class Token:
-    """One decided token: its id, log-probability and the ``TOP_LOGPROBS`` best alternatives."""
+    """One token: its id, log-probability and the ``TOP_LOGPROBS`` best alternatives (a prompt's
+    first token has none: logprob None)."""
 
     id: int
-    logprob: float
+    logprob: float | None
     top_ids: list[int]
     top_logprobs: list[float]
 
@@ -73,40 +74,18 @@ class Sequence:
     """One generated sequence (a request has ``n`` of them). The engine calls ``emit(token)`` for each
     token and ``finish(reason)`` once (``"stop"``: EOS, ``"length"``: the token limit or the
     context's end, ``"cancelled"``, ``"error"``: a bug in the engine); ``should_stop()`` lets the
-    caller end it (a stop sequence)."""
+    caller end it (a stop sequence). With ``scored``, the prompt's tokens with their log-probabilities
+    go to ``scored(tokens)`` before the first generated token (``max_tokens`` 0: nothing is generated)."""
 
     def __init__(self, prompt: list[int], sampling: Sampling, index: int,
                  emit: Callable[[Token], None], finish: Callable[[str], None],
-                 should_stop: Callable[[], bool] = lambda: False):
+                 should_stop: Callable[[], bool] = lambda: False,
+                 scored: Callable[[list[Token]], None] | None = None):
         self.prompt, self.sampling, self.index = prompt, sampling, index
-        self.emit, self.finish, self.should_stop = emit, finish, should_stop
+        self.emit, self.finish, self.should_stop, self.scored = emit, finish, should_stop, scored
         self.generated = 0
         self.cancelled = False
         self.slot: int | None = None
-
-
-class Compilations:
-    """Counts the XLA compilations of this process by thread name (a ``jax.monitoring`` listener)."""
-
-    EVENT = "/jax/core/compile/backend_compile_duration"
-
-    def __init__(self):
-        self.by_thread: collections.Counter = collections.Counter()
-        jax.monitoring.register_event_duration_secs_listener(self._on_event)
-
-    def _on_event(self, event: str, duration: float, **kwargs) -> None:
-        if event == self.EVENT:
-            self.by_thread[threading.current_thread().name] += 1
-
-    @property
-    def total(self) -> int:
-        return sum(self.by_thread.values())
-
-
-@functools.cache
-def compilations() -> Compilations:
-    """The process's one compilation counter (created, and listening, on first use)."""
-    return Compilations()
 
 
 class QueueFull(RuntimeError):
@@ -230,6 +209,17 @@ class Engine:
         pick = self._pick(logits[:, 0], key[None], jnp.zeros(1, jnp.uint32), temperature, top_k, top_p)
         return (*pick, key, cache.k, cache.v)
 
+    @functools.partial(jax.jit, static_argnums=0)
+    def _score(self, params, tokens):
+        """A right-padded prompt's scores: tokens int32[1, P]. Returns each next token's
+        log-probability float32[P - 1] and the best alternatives at each position (ids, log-probs
+        [P - 1, k]); entries past the prompt are padding."""
+        positions = jnp.minimum(jnp.arange(tokens.shape[1]), self.config.n_positions - 1)[None]
+        logits, _ = self.model.apply({"params": params}, tokens, positions=positions)
+        logp = jax.nn.log_softmax(logits[0, :-1].astype(jnp.float32), axis=-1)
+        top_lp, top_ids = jax.lax.top_k(logp, TOP_LOGPROBS)
+        return jnp.take_along_axis(logp, tokens[0, 1:, None], axis=-1)[:, 0], top_ids, top_lp
+
     @staticmethod
     @functools.partial(jax.jit, donate_argnums=0)
     def _insert(cache: KVCache, k, v, slot) -> KVCache:
@@ -255,7 +245,8 @@ class Engine:
 
     def warmup(self) -> None:
         """Compiles every shape serving can meet: each window, each prompt length that fits it, the
-        insertion of a prompt into each window, and the resizes between windows."""
+        insertion of a prompt into each window, the resizes between windows, and the scoring of
+        each prompt length."""
         windows, w = [], MIN_WINDOW
         while w < self.config.n_positions:
             windows.append(w)
@@ -276,6 +267,10 @@ class Engine:
             for other in windows:
                 if other != w:
                     self._resize(cache, other)
+        p = MIN_PROMPT
+        while p <= windows[-1]:
+            self._score(self.params, np.zeros((1, p), np.int32))
+            p *= 2
 
     # --- the loop ------------------------------------------------------------------------------------
 
@@ -299,34 +294,39 @@ class Engine:
     def _admit(self) -> None:
         """Prefills queued sequences into free slots, one at a time."""
         for slot in range(self.slots):
-            if self._seqs[slot] is not None:
-                continue
-            while True:
+            while self._seqs[slot] is None:  # a sequence that generates nothing leaves it free
                 try:
                     seq = self._queue.get_nowait()
                 except queue.Empty:
                     return
-                if not seq.cancelled:
-                    break
-                with self._lock:
-                    self._queued -= 1
-                notify(seq.finish, "cancelled")
-            try:
-                self._start(slot, seq)
-            except Exception:
-                notify(seq.finish, "error")
-                raise
-            finally:  # counted as queued until it holds its slot
-                with self._lock:
-                    self._queued -= 1
+                try:
+                    if seq.cancelled:
+                        notify(seq.finish, "cancelled")
+                    else:
+                        self._start(slot, seq)
+                except Exception:
+                    notify(seq.finish, "error")
+                    raise
+                finally:  # counted as queued until it holds its slot
+                    with self._lock:
+                        self._queued -= 1
 
     def _start(self, slot: int, seq: Sequence) -> None:
+        """Scores the prompt (when asked), prefills it into ``slot`` and delivers the first token."""
         n = len(seq.prompt)
-        p = pow2(n, MIN_PROMPT)
-        if p > self.window or n + 1 > self.window:
-            self._set_window(pow2(max(p, n + 1), MIN_WINDOW))
+        p = pow2_bucket(n, MIN_PROMPT)
         tokens = np.zeros((1, p), np.int32)
         tokens[0, :n] = seq.prompt
+        if seq.scored is not None:
+            lp, top_ids, top_lp = jax.device_get(self._score(self.params, tokens))
+            prompt = [Token(seq.prompt[0], None, [], [])] + [
+                Token(t, float(lp[i]), top_ids[i].tolist(), top_lp[i].tolist()) for i, t in enumerate(seq.prompt[1:])]
+            if not notify(seq.scored, prompt):
+                return notify(seq.finish, "error")
+        if seq.sampling.max_tokens == 0:
+            return notify(seq.finish, "length")
+        if p > self.window or n + 1 > self.window:
+            self._set_window(pow2_bucket(max(p, n + 1), MIN_WINDOW))
         tok, lp, top_ids, top_lp, key, k, v = self._prefill(
             self.params, tokens, np.int32(n), np.int32(seq.sampling.seed), np.int32(seq.index), *self._settings([seq]))
         self._keys[slot] = np.asarray(key)
@@ -378,7 +378,7 @@ class Engine:
         active sequence fits in a quarter of it."""
         longest = max(int(self._pos[i]) for i, s in enumerate(self._seqs) if s is not None) + 1
         if longest > self.window:
-            self._set_window(pow2(longest, MIN_WINDOW))
+            self._set_window(pow2_bucket(longest, MIN_WINDOW))
         elif self.window > MIN_WINDOW and 4 * longest <= self.window:
             self._set_window(max(MIN_WINDOW, self.window // 2))
 
@@ -397,7 +397,3 @@ def notify(callback, *args) -> bool:
     except Exception:
         traceback.print_exc()
         return False
-
-
-def new_seed() -> int:
-    return int.from_bytes(os.urandom(4), "little") & 0x7FFFFFFF
