@@ -16,7 +16,8 @@ from pathlib import Path
 import numpy as np
 from tokenizers import AddedToken, Tokenizer, models, pre_tokenizers, trainers
 
-from jaxformer.data import datasets
+from jaxformer.data import datasets, shards
+from jaxformer.data.sampler import ShardWindows
 from jaxformer.data.bpe import train_bpe
 from jaxformer.data.textfile import read_text
 from jaxformer.errors import InputError
@@ -106,11 +107,42 @@ def write_splits(out: Path, tokens: np.ndarray, val_fraction: float) -> None:
         np.save(out / "data" / f"{name}.npy", part)
 
 
+def shard_source(data: tuple[str, ...]) -> str | None:
+    """The token-shard directory or glob ``data`` names (llm.c's ``*_train_*.bin`` / ``*_val_*.bin``,
+    e.g. written by ``jaxformer prepare``), or None when ``data`` names text files."""
+    if len(data) != 1:
+        return None
+    spec = data[0]
+    if Path(spec).is_dir():
+        return spec if any(Path(spec).glob("*.bin")) else None
+    return spec if spec.endswith(".bin") else None
+
+
+def shard_splits(spec: str) -> tuple[list[Path], list[Path]]:
+    """(training, validation) shard files of a directory (by llm.c's names) or of a glob (files with
+    ``_val_`` in their name validate, the others train)."""
+    if Path(spec).is_dir():
+        return shards.resolve(spec, "train"), shards.resolve(spec, "val")
+    paths = shards.resolve(spec, "train")
+    val = [p for p in paths if "_val_" in p.name]
+    train = [p for p in paths if "_val_" not in p.name]
+    if not train or not val:
+        raise InputError(f"{spec}: matches {len(train)} training and {len(val)} validation shards (names with "
+                         "_val_); both are needed")
+    return train, val
+
+
 def open_splits(run, out: Path) -> tuple["Windows", "Windows"]:
     """(training, validation) windows of ``run.seq_len`` tokens for the GPT-2 run ``run`` (its
-    GPT2RunConfig) in ``out``: the token streams :func:`write_splits` wrote, memory-mapped. Both
+    GPT2RunConfig) in ``out``: token shards read by memory map (:class:`ShardWindows`) when
+    ``run.data`` names them, else the token streams :func:`write_splits` wrote, memory-mapped. Both
     offer ``len()``, ``train_batch(seed, step, grad_accum, batch_size)``,
-    ``eval_batches(batch_size, max_batches)`` and ``head(n)``; the only place the trainer gets its data from."""
+    ``eval_batches(batch_size, max_batches)`` and ``take(window indices)``; the only place the trainer gets its data from."""
+    spec = shard_source(run.data)
+    if spec is not None:
+        train, val = shard_splits(spec)
+        return ShardWindows(train, run.seq_len, "the training shards"), ShardWindows(val, run.seq_len,
+                                                                                     "the validation shards")
     train, val = (np.load(out / "data" / f"{name}.npy", mmap_mode="r") for name in ("train", "val"))
     return Windows(train, run.seq_len, "the training split"), Windows(val, run.seq_len, "the validation split")
 
@@ -130,10 +162,6 @@ class Windows:
 
     def __len__(self) -> int:
         return self.n
-
-    def head(self, n: int) -> list[int]:
-        """The first ``n`` tokens of the stream."""
-        return self.tokens[:n].tolist()
 
     def take(self, idx: np.ndarray) -> np.ndarray:
         """int32[*idx.shape, seq_len + 1] for window indices ``idx``."""

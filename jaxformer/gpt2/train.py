@@ -6,7 +6,11 @@ Parameters are float32 master weights; the forward/backward runs in ``config.dty
 accelerators), logits, softmax and loss in float32. Besides the loop's files the run directory holds::
 
     tokenizer.json         GPT-2's, the --init model's, or one trained on the data
-    data/{train,val}.npy   the token streams (written once, reused by --resume)
+    data/{train,val}.npy   the token streams of text data (written once, reused by --resume); token
+                           shards (``--data DIR``) are read where they are, by memory map
+
+With ``hellaswag_every`` the evaluations also score HellaSwag (:mod:`jaxformer.eval.hellaswag`):
+``hellaswag_acc`` and ``hellaswag_acc_norm`` in ``metrics.jsonl`` and a panel of ``curves.png``.
 """
 
 import dataclasses
@@ -14,11 +18,12 @@ import math
 from pathlib import Path
 
 import jax.numpy as jnp
+import numpy as np
 
 from jaxformer.config import param
 from jaxformer.errors import InputError
 from jaxformer.gpt2 import data as gdata
-from jaxformer.gpt2.config import PRESETS, GPT2Config, preset
+from jaxformer.gpt2.config import PRESETS, GPT2Config
 from jaxformer.gpt2.generate import generate
 from jaxformer.gpt2.model import GPT2, init_params
 from jaxformer.gpt2.tokenizer import GPT2Tokenizer
@@ -35,7 +40,9 @@ class GPT2RunConfig(RunConfig):
     """GPT-2 run settings (``run.json``); the architecture is the preset's, or ``--init``'s."""
 
     data: tuple[str, ...] = param(("tinyshakespeare",), ".txt files (one document each), .jsonl files (one "
-                                                        "per line), or the data set name tinyshakespeare")
+                                                        "per line), the data set name tinyshakespeare, or a "
+                                                        "directory or glob of llm.c token shards (jaxformer "
+                                                        "prepare; read by memory map)")
     text_field: str = param("text", "JSONL field holding the text")
     tokenizer: str = param("gpt2", "gpt2 (shipped) | a tokenizer directory | bpe:VOCAB or word:VOCAB trained "
                                    "on the data")
@@ -50,6 +57,11 @@ class GPT2RunConfig(RunConfig):
     prompt: str | None = param(None, "prompt of the samples (default: the first validation tokens)",
                                resumable=True)
     export_hf: str | None = param(None, "write a Hugging Face model directory here at the end", resumable=True)
+    hellaswag_every: int = param(0, "steps between HellaSwag evaluations, at the evaluation steps (0: off)", ge=0,
+                                 resumable=True)
+    hellaswag_data: str | None = param(None, "HellaSwag validation JSONL (default: found under the data "
+                                             "directory or downloaded)", resumable=True)
+    hellaswag_items: int | None = param(None, "score only the first N HellaSwag items", ge=1, resumable=True)
 
 
 def make_loss_fn(config: GPT2Config, deterministic: bool = False) -> LossFn:
@@ -66,13 +78,24 @@ def make_loss_fn(config: GPT2Config, deterministic: bool = False) -> LossFn:
     return loss_fn
 
 
+# llm.c's GPT-2 124M run: 524,288 tokens per update, lr 6e-4 with 700 warm-up steps and a cosine
+# decay to 0 over 18,865 steps (~10B tokens), weight decay 0.1, HellaSwag every 250 steps.
+LLMC_124M = dict(seq_len=1024, batch_size=64, grad_accum=8, lr=6e-4, warmup=700, steps=18865, schedule="cosine",
+                 schedule_steps=18865, min_lr_ratio=0.0, weight_decay=0.1, b1=0.9, b2=0.95, clip_norm=1.0,
+                 eval_every=250, eval_batches=20, log_every=10, ckpt_every=1000, hellaswag_every=250)
+
+
+HELLASWAG_PANEL = dict(title="HellaSwag (validation)", ylabel="accuracy",
+                       series=[("acc_norm", "hellaswag_acc_norm", "o-"), ("acc", "hellaswag_acc", "s--")])
+
+
 class GPT2Task(Task):
     """GPT-2 on a text corpus: see the module docstring."""
 
     name = "gpt2"
     run_config = GPT2RunConfig
     model_config = GPT2Config
-    presets = {name: (fields, {}) for name, fields in PRESETS.items()}
+    presets = {name: (fields, {}) for name, fields in PRESETS.items()} | {"gpt2-124m": (PRESETS["gpt2"], LLMC_124M)}
     defaults = dict(preset="tiny", steps=1000)
     best_metric, higher_is_better = "val_loss", False
     plot_panels = [dict(title="GPT-2 training loss", ylabel="cross-entropy per token",
@@ -90,16 +113,23 @@ class GPT2Task(Task):
             config, pretrained, init_tok = load_pretrained(run.init, scan_layers=True, **model_overrides)
 
         def write(config=config):
-            texts = gdata.read_texts(gdata.resolve_paths(run.data), run.text_field)
+            tokenized = gdata.shard_source(run.data) is not None  # token shards: no text to read
+            if tokenized and ":" in run.tokenizer and init_tok is None:
+                raise InputError(f"tokenizer={run.tokenizer!r} trains on text, but {run.data[0]} holds token shards: "
+                                 "give the tokenizer they were prepared with (gpt2 or its directory)")
+            texts = [] if tokenized else gdata.read_texts(gdata.resolve_paths(run.data), run.text_field)
             tok = init_tok or gdata.load_tokenizer(run.tokenizer, texts)
             if run.init is None:
-                base = preset(run.preset)
+                base = GPT2Config(**cls.presets[run.preset][0])
                 config = base.replace(vocab_size=tok.vocab_size, n_positions=max(base.n_positions, run.seq_len),
                                       bos_token_id=tok.eos_id, eos_token_id=tok.eos_id, **model_overrides)
             if tok.vocab_size > config.vocab_size:
                 raise InputError(f"the tokenizer has {tok.vocab_size} tokens, the model's vocab_size is "
                                  f"{config.vocab_size}")
-            gdata.write_splits(out, gdata.tokenize(tok, texts), run.val_fraction)
+            if tokenized:
+                gdata.shard_splits(gdata.shard_source(run.data))  # both splits exist, or an error now
+            else:
+                gdata.write_splits(out, gdata.tokenize(tok, texts), run.val_fraction)
             tok.tokenizer.save(str(out / "tokenizer.json"))
             config.save(out / "config.json")
         on_first_process("jaxformer-gpt2-data", write)
@@ -121,7 +151,12 @@ class GPT2Task(Task):
         self.steps_per_epoch = max(1, len(self.train_windows) // (run.batch_size * run.grad_accum))
         self.flops_per_token = gpt2_flops_per_token(config, run.seq_len)
         self.d_model = config.n_embd
-        self.prompt = self.tokenizer.encode(run.prompt) if run.prompt else self.val_windows.head(8)
+        first = self.val_windows.take(np.zeros(1, np.int64))[0, :8]
+        self.prompt = self.tokenizer.encode(run.prompt) if run.prompt else [int(t) for t in first]
+        self.hellaswag = self._hellaswag(run) if run.hellaswag_every else None
+        if self.hellaswag is not None:
+            self.plot_panels = [*self.plot_panels, HELLASWAG_PANEL]
+        self._hellaswag_at = None  # the step of the last HellaSwag evaluation
         if run.sample_tokens > 0 and len(self.prompt) >= config.n_positions:
             raise InputError(f"prompt: {len(self.prompt)} tokens leave no room to sample in the model's context of "
                              f"{config.n_positions}")
@@ -139,8 +174,16 @@ class GPT2Task(Task):
     def eval_batches(self) -> list:
         return self._eval_batches
 
+    def _hellaswag(self, run: GPT2RunConfig):
+        from jaxformer.eval.hellaswag import HellaSwag, load_items
+        return HellaSwag(load_items(run.hellaswag_data, run.hellaswag_items), self.tokenizer, self.config)
+
     def evaluate(self, params, step: int, record: dict) -> dict:
         extra = dict(val_ppl=math.exp(min(record["val_loss"], 700.0)))
+        if self.hellaswag is not None and (self._hellaswag_at is None
+                                           or step - self._hellaswag_at >= self.run.hellaswag_every):
+            extra.update(self.hellaswag.evaluate(params))
+            self._hellaswag_at = step
         if self.run.sample_tokens > 0:
             n = min(self.run.sample_tokens, self.config.n_positions - len(self.prompt))
             new = generate(params, self.config, [self.prompt], temperature=0.8, top_p=0.95, seed=step,
