@@ -32,6 +32,9 @@ DATASETS = {
         "tinyshakespeare/input.txt",
         "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt",
         "1.1 MB of Shakespeare's plays (public domain)"),
+    "hellaswag": Dataset("hellaswag/hellaswag_val.jsonl",
+                         "https://raw.githubusercontent.com/rowanz/hellaswag/master/data/hellaswag_val.jsonl",
+                         "the HellaSwag validation set, 10,042 items, from github.com/rowanz/hellaswag (MIT)"),
 }
 
 
