@@ -104,9 +104,14 @@ def test_compressed_parquet_and_datasets_inputs(tmp_path, enc):
     assert run(tmp_path / "d.parquet", tmp_path / "e.parquet.zst", tmp_path / "ds", "--text-field", "content",
                "--out", tmp_path / "o2", "--val-tokens", 50) == 0
     np.testing.assert_array_equal(read_dir(tmp_path / "o2"), reference(enc, docs[6:12]))
+    for i in range(2):  # a datasets directory is split between parts by its rows
+        prep.prepare([tmp_path / "ds"], tmp_path / "o3", text_field="content", part=(i, 2), val_tokens=0,
+                     workers=2, progress=False)
+    halves = [np.fromfile(p, np.uint16, offset=1024) for p in sorted((tmp_path / "o3").glob("*.bin"))]
+    np.testing.assert_array_equal(np.concatenate(halves), reference(enc, docs[9:12]))
 
 
-def test_tokenizer_directory(tmp_path):
+def test_tokenizer_directory(tmp_path, capsys):
     from jaxformer.gpt2.data import train_tokenizer
 
     docs = documents(10, seed=2)
@@ -120,8 +125,9 @@ def test_tokenizer_directory(tmp_path):
     assert read_dir(tmp_path / "out").tolist() == expected
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     assert manifest["settings"]["tokenizer"]["vocab_size"] == tok.vocab_size
-    # the same --out with another tokenizer: refused
-    assert run(tmp_path / "a.jsonl", "--out", tmp_path / "out") == 2
+    capsys.readouterr()
+    assert run(tmp_path / "a.jsonl", "--out", tmp_path / "out") == 2  # the same --out, another tokenizer
+    assert "holds shards from another tokenizer" in capsys.readouterr().err
 
 
 def listing(out: Path) -> dict:

@@ -29,7 +29,8 @@ from jaxformer.errors import InputError
 
 EXIT_FAILED, EXIT_BAD_INPUT, EXIT_INTERRUPTED = 1, 2, 130
 # Modules of optional extras (pyproject.toml) -> the extra that installs them.
-EXTRAS = {"torch": "torch", "transformers": "torch", "fastapi": "serve", "uvicorn": "serve"}
+EXTRAS = {"torch": "torch", "transformers": "torch", "fastapi": "serve", "uvicorn": "serve", "prometheus_client": "serve",
+          "datasets": "data", "pyarrow": "data", "zstandard": "data", "tiktoken": "data", "lm_eval": "eval"}
 
 
 def parser(doc: str | None, prog: str | None = None) -> argparse.ArgumentParser:

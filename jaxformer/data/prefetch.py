@@ -2,7 +2,7 @@
 
 import queue
 import threading
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 _DONE = object()
 

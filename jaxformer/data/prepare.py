@@ -10,7 +10,9 @@
   about 5x faster on one core, measured), or any tokenizer directory; special tokens in a text are
   text (nanoGPT's ``encode_ordinary``). Worker processes tokenize chunks of documents, a bounded
   number in flight; they fork from a fork server (a fresh process: the parent may hold JAX's
-  threads, which forking does not survive), which imports the main module once, not each worker.
+  threads, which forking does not survive) that has imported this module. Python 3.11 still has
+  each worker import the caller's main module, so scripts calling :func:`prepare` keep JAX out of
+  their top-level imports (as ``scripts/bench_data.py`` does).
 * Restart: ``manifest.json`` (rewritten atomically after each shard) holds each shard's tokens,
   sha256 and where in the document stream it ends; a rerun verifies the finished shards, keeps them
   and continues after the last good one, so the same inputs give the same shards.
@@ -173,7 +175,7 @@ def _read_datasets(src: Source, field: str, skip: int):
     yield from _rows(src, field, (b[field] for b in ds.iter(1024)), len(ds), skip)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _hub(src: Source):
     """The hub data set's part ``src.part``, streamed: an InputError saying what to do when the hub
     cannot be reached."""
@@ -361,7 +363,7 @@ def prepare(inputs=(), out: str | Path = "shards", *, tokenizer: str = "gpt2", t
     fast = tokenizer == "gpt2" and importlib.util.find_spec("tiktoken") is not None
     init = (str(tok_dir), fast, tok["eos_id"], shards.FORMATS[shards.MAGIC, settings["version"]].str)
     ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload(["__main__", __name__])  # imported once, in the server
+    ctx.set_forkserver_preload(["__main__", __name__])  # imported once, in the server (3.11: not __main__)
     with ctx.Pool(workers, _start_worker, init) as pool:
         _run(pool, workers, _chunks(sources, text_field, writer.doc), writer,
              sum(s.get("bytes", 0) for s in settings["inputs"]), progress, str(out))

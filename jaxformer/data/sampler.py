@@ -105,7 +105,11 @@ class ShardWindows:
             out[rows] = buf
         return out.reshape(*idx.shape, self.seq_len + 1)
 
-    def sample_order(self, seed: int, samples: np.ndarray) -> np.ndarray:
+    def sample_order(self, seed: int, start: int, count: int) -> np.ndarray:
+        """int64[count]: the windows of run samples ``start .. start + count - 1`` (as ``Windows``'s)."""
+        return self.windows_of(seed, np.arange(start, start + count, dtype=np.int64))
+
+    def windows_of(self, seed: int, samples: np.ndarray) -> np.ndarray:
         """int64[...]: the window of each run sample number in ``samples`` (int[...])."""
         samples = np.asarray(samples, np.int64)
         epochs, pos = np.divmod(samples, self.n)
@@ -128,7 +132,7 @@ class ShardWindows:
             rows = slice(process_index * per, (process_index + 1) * per)
         g = grad_accum * batch_size
         samples = (step * g + np.arange(g, dtype=np.int64)).reshape(grad_accum, batch_size)
-        return self.take(self.sample_order(seed, samples[:, slice(None) if rows is None else rows]))
+        return self.take(self.windows_of(seed, samples[:, slice(None) if rows is None else rows]))
 
     def eval_batches(self, batch_size: int, max_batches: int) -> list[np.ndarray]:
         """Windows in order, ``min(max_batches, len // batch_size)`` batches of int32[batch_size, seq_len + 1]."""
