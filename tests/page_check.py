@@ -1,7 +1,9 @@
 """The web page in headless Chromium against a running server: a streamed generation that grows on
 screen and a two-sentence translation; a screenshot at the end. What the page shows is checked
 against the API itself (greedy generation and beam search are deterministic), so the check holds
-for any model. Used by test_serve.py (and to make the README's screenshot)."""
+for any model. :func:`check_hostile_text`: the page asks for an API key once per tab and shows
+markup in a prompt and a continuation as text, running none of it. Used by test_serve.py (and to
+make the README's screenshot)."""
 
 import json
 import urllib.request
@@ -117,3 +119,41 @@ def check_page(server_url: str, screenshot_path) -> None:
         assert d.save_screenshot(str(screenshot_path))
     with open(screenshot_path, "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def check_hostile_text(server_url: str, key: str, prompt: str, continuation: str, screenshot_path) -> None:
+    """Against a server that needs ``key`` and continues every prompt with ``continuation``."""
+    reason = missing()
+    if reason:
+        pytest.fail(f"browser test: {reason}")
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as EC
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    with chromium_driver() as d:
+        wait = WebDriverWait(d, TIMEOUT, poll_frequency=POLL)
+        d.get(f"{server_url}/")
+        wait.until(EC.visibility_of_element_located((By.ID, "key_panel")))
+        assert not d.find_element(By.ID, "gpt2_panel").is_displayed()
+        _set(d, "api_key", "not the key")
+        d.find_element(By.ID, "use_key").click()
+        wait.until(EC.text_to_be_present_in_element((By.ID, "key_status"), "refused"))
+        _set(d, "api_key", key)
+        d.find_element(By.ID, "use_key").click()
+        wait.until(EC.visibility_of_element_located((By.ID, "gpt2_panel")))
+        assert not d.find_element(By.ID, "key_panel").is_displayed()
+        d.refresh()  # the key is kept for the tab
+        wait.until(EC.visibility_of_element_located((By.ID, "gpt2_panel")))
+        assert not d.find_element(By.ID, "key_panel").is_displayed()
+        assert d.execute_script("return sessionStorage.length") == 1
+
+        _set(d, "prompt", prompt)
+        _set(d, "temperature", "0")
+        d.find_element(By.ID, "generate").click()
+        status = wait.until(lambda drv: (t := drv.find_element(By.ID, "status").text).startswith(("done", "error"))
+                            and t)
+        assert status.startswith("done"), status
+        assert _text(d, "#output") == prompt + continuation
+        assert d.execute_script("return document.querySelectorAll('#output *').length") == 2  # the two spans
+        assert d.execute_script("return window.__pwned === undefined && document.title") == "jaxformer"
+        assert d.save_screenshot(str(screenshot_path))

@@ -1,6 +1,7 @@
 """The continuous-batching engine in-process (the HTTP server on top: test_serve.py): sequences that
 join and leave at different times give exactly ``generate()``'s tokens, a full queue is refused,
-a cancel frees the slot, and nothing compiles after the warm-up."""
+a cancel frees the slot, steps shrink as sequences leave (compaction), a shutdown ends everything,
+and nothing compiles after the warm-up."""
 
 import threading
 import time
@@ -68,6 +69,36 @@ def test_sequences_joining_and_leaving_equal_generate(engine):
 
 
 @pytest.mark.slow
+def test_steps_shrink_as_sequences_leave_and_outputs_equal_generate(hf_dir):
+    """16 slots (steps of 1, 4 or 16 rows): six sequences start in slots 0-5; when the five short
+    ones end, the long one in slot 5 moves to slot 0 and the steps run one row, and every sequence
+    still gives generate()'s tokens. The move is compiled at warm-up."""
+    config, params, _ = load_pretrained(hf_dir("tiny")[0], scan_layers=False)
+    e = Engine(params, config, slots=16, max_queue=0)
+    try:
+        before = compilations().by_thread[ENGINE_THREAD]
+        rng = np.random.default_rng(1)
+        prompts = [rng.integers(0, 999, 4 + i).tolist() for i in range(6)]
+        runs = [sequence(p, Sampling(40 if i == 5 else 3, temperature=0, ignore_eos=True), i)
+                for i, p in enumerate(prompts)]
+        long, seen = runs[5][0], []
+        emit = long.emit
+        long.emit = lambda t: (seen.append((long.slot, e.step_rows)), emit(t))
+        e.submit([r[0] for r in runs])
+        for _, _, done, _ in runs:
+            assert done.wait(60)
+        slots = [slot for slot, _ in seen]
+        assert slots[0] == 5 and slots[-1] == 0, seen
+        assert max(rows for _, rows in seen) == 16 and [rows for _, rows in seen[-5:]] == [1] * 5, seen
+        for p, (seq, tokens, _, _) in zip(prompts, runs):
+            assert tokens == generate(params, config, [p], max_new_tokens=seq.sampling.max_tokens, greedy=True,
+                                      stop_at_eos=False)[0]
+        assert compilations().by_thread[ENGINE_THREAD] == before
+    finally:
+        e.close()
+
+
+@pytest.mark.slow
 def test_full_queue_is_refused_and_cancel_frees_the_slot(engine):
     long = [sequence([1, 2, 3], Sampling(100, temperature=0, ignore_eos=True), i) for i in range(4)]
     engine.submit([long[0][0], long[1][0]])  # both slots
@@ -132,6 +163,23 @@ def test_prompt_scores_equal_torch_and_take_no_slot(engine, hf_dir):
         np.testing.assert_allclose([t.logprob for t in got[i][1:]], want, atol=1e-4)
         assert [t.top_ids[0] for t in got[i][1:]] == logp[:-1].argmax(-1).tolist()
     assert wait_idle(engine, 30) and compilations().by_thread[ENGINE_THREAD] == 0
+
+
+@pytest.mark.slow
+def test_shutdown_ends_running_and_waiting_sequences(hf_dir):
+    """``shutdown()``: the sequences in slots and in the queue end with "shutdown"; so does one
+    submitted afterwards."""
+    config, params, _ = load_pretrained(hf_dir("tiny")[0], scan_layers=False)
+    engine = Engine(params, config, slots=2, max_queue=3)
+    runs = [sequence([1, 2, 3], Sampling(100, temperature=0, ignore_eos=True), i) for i in range(4)]
+    engine.submit([r[0] for r in runs])
+    engine.shutdown()
+    late = sequence([4, 5], Sampling(5))
+    engine.submit([late[0]])
+    for _, _, done, box in runs + [late]:
+        assert done.wait(30) and box["reason"] == "shutdown"
+    assert wait_idle(engine, 30)
+    engine.close()
 
 
 def test_translation_queue_counts_the_idle_worker():

@@ -1,9 +1,14 @@
 """The server as clients use it: the official ``openai`` package (plain, streamed, n, stop, seeds,
 errors, echo with logprobs), lm-eval's ``local-completions`` requests, many simultaneous streams, a
-full queue, disconnects, translations, and the web page in headless Chromium. Outputs are checked
-against ``generate()``, HF PyTorch's log-probabilities and ``TranslationPipeline.translate``."""
+full queue, disconnects, translations, limits, API keys, metrics and the access log, and the web
+page in headless Chromium (hostile text included). Outputs are checked against ``generate()``, HF
+PyTorch's log-probabilities and ``TranslationPipeline.translate``."""
 
 import concurrent.futures
+import contextlib
+import http.client
+import io
+import itertools
 import json
 import os
 import socket
@@ -28,6 +33,7 @@ pytestmark = pytest.mark.slow  # the whole module: end-to-end runs
 
 ROOT = Path(__file__).resolve().parents[1]
 SLOTS, MAX_QUEUE = 4, 2
+HEAD_SECONDS, BODY_SECONDS, MAX_BEAM = 3, 2, 2
 
 
 def free_port() -> int:
@@ -49,7 +55,8 @@ def server(hf_dir, translator_dir, tmp_path_factory):
     port = free_port()
     log = tmp_path_factory.mktemp("serve") / "serve.log"
     cmd = [sys.executable, "-m", "jaxformer", "serve", "--gpt2", str(path), "--translator", str(translator_dir),
-           "--port", str(port), "--slots", str(SLOTS), "--max-queue", str(MAX_QUEUE)]
+           "--port", str(port), "--slots", str(SLOTS), "--max-queue", str(MAX_QUEUE), "--max-beam", str(MAX_BEAM),
+           "--translator-batch", "4", "--head-seconds", str(HEAD_SECONDS), "--body-seconds", str(BODY_SECONDS)]
     with open(log, "w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONPATH": str(ROOT)})
     url = f"http://127.0.0.1:{port}"
@@ -64,7 +71,8 @@ def server(hf_dir, translator_dir, tmp_path_factory):
             time.sleep(0.2)
     config, params, _ = load_pretrained(path, scan_layers=False)
     yield dict(url=url, name=path.name, config=config, params=params, tok=GPT2Tokenizer.gpt2(), torch=torch_model,
-               compilations=health["compilations"], translator=translator_dir.name, translator_dir=translator_dir)
+               compilations=health["compilations"], translator=translator_dir.name, translator_dir=translator_dir,
+               log=log)
     proc.terminate()
     proc.wait(timeout=30)
 
@@ -263,13 +271,15 @@ def test_a_full_queue_answers_429_with_retry_after(server):
     assert all(retry == "1" for code, _, retry in results if code == 429)
 
 
-class EndlessEngine:
-    """Stands in for the engine: every sequence gets a token every 20 ms until it is cancelled."""
+class FakeEngine:
+    """Stands in for the engine: every sequence gets the tokens of ``text`` (20 ms apart) and ends
+    with "stop"; with ``text`` None it gets "The" until it is cancelled."""
 
-    def __init__(self):
+    def __init__(self, text: str | None = None):
         from jaxformer.gpt2.config import GPT2Config
         self.config, self.eos_id, self.slots = GPT2Config(), 50256, 4
-        self.active = self.queued = 0
+        self.tokens = None if text is None else GPT2Tokenizer.gpt2().encode(text)
+        self.active = self.queued = self.step_rows = 0
         self.cancelled = []
 
     def submit(self, seqs):
@@ -278,10 +288,12 @@ class EndlessEngine:
         from jaxformer.serve.engine import Token
 
         def run(seq):
-            while not seq.cancelled:
-                seq.emit(Token(464, -1.0, [], []))
+            for token in itertools.repeat(464) if self.tokens is None else self.tokens:
+                if seq.cancelled:
+                    return seq.finish("cancelled")
+                seq.emit(Token(token, -1.0, [], []))
                 time.sleep(0.02)
-            seq.finish("cancelled")
+            seq.finish("stop")
         for seq in seqs:
             threading.Thread(target=run, args=(seq,), daemon=True).start()
 
@@ -291,26 +303,36 @@ class EndlessEngine:
         self.cancelled += seqs
 
 
-def test_a_client_that_disconnects_frees_its_slot():
-    """Through uvicorn and the openai client: a stream closed after three chunks cancels its
-    sequences (here they would otherwise never end)."""
+@contextlib.contextmanager
+def inprocess_server(engine, **app_kw):
+    """uvicorn in a thread serving ``engine`` as the model "fake" (create_app's keywords); yields the URL."""
     import threading
 
     import uvicorn
 
     from jaxformer.serve.app import Served, create_app
 
-    engine, port = EndlessEngine(), free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app([Served("endless", "completion", engine, GPT2Tokenizer.gpt2())]),
-                                           host="127.0.0.1", port=port, log_level="warning"))
+    port = free_port()
+    app = create_app([Served("fake", "completion", engine, GPT2Tokenizer.gpt2())], **app_kw)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     threading.Thread(target=server.run, daemon=True).start()
     deadline = time.monotonic() + 30
     while not server.started:
         assert time.monotonic() < deadline
         time.sleep(0.05)
     try:
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
-        stream = client.completions.create(model="endless", prompt="Endless", max_tokens=100, n=2, stream=True)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+
+
+def test_a_client_that_disconnects_frees_its_slot():
+    """Through uvicorn and the openai client: a stream closed after three chunks cancels its
+    sequences (here they would otherwise never end)."""
+    engine = FakeEngine()
+    with inprocess_server(engine) as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0)
+        stream = client.completions.create(model="fake", prompt="Endless", max_tokens=100, n=2, stream=True)
         for i, chunk in enumerate(stream):
             assert chunk.choices[0].text == "The"
             if i == 2:
@@ -321,8 +343,80 @@ def test_a_client_that_disconnects_frees_its_slot():
         while len(engine.cancelled) < 2 and time.monotonic() < deadline:
             time.sleep(0.05)
         assert len(engine.cancelled) == 2
-    finally:
-        server.should_exit = True
+
+
+def test_api_keys_guard_v1_and_the_access_log_names_keys_by_id():
+    """With keys, /v1/* answers 401 (OpenAI's body, ``invalid_api_key``) to no key or a wrong one and
+    serves a right one; /health and the page stay open; the access log gives a key's id, never the
+    key, and the request id the response carried."""
+    log = io.StringIO()
+    with inprocess_server(FakeEngine("Bonjour"), keys=("key-one", "key-two"), access_log=log) as url:
+        for key in ("wrong", "key-one-and-more", "KEY-ONE"):
+            with pytest.raises(openai.AuthenticationError) as e:
+                openai.OpenAI(base_url=f"{url}/v1", api_key=key, max_retries=0).models.list()
+            assert e.value.code == "invalid_api_key"
+        req = urllib.request.Request(f"{url}/v1/models")
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.build_opener(urllib.request.ProxyHandler({})).open(req, timeout=30)
+        assert e.value.code == 401 and json.load(e.value)["error"]["code"] == "invalid_api_key"
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="key-two", max_retries=0)
+        got = client.completions.with_raw_response.create(model="fake", prompt="Hi", max_tokens=5)
+        assert got.parse().choices[0].text == "Bonjour"
+        request_id = got.headers["x-request-id"]
+        assert get(f"{url}/health")["status"] == "ok"
+        with urllib.request.build_opener(urllib.request.ProxyHandler({})).open(f"{url}/", timeout=30) as r:
+            assert r.status == 200
+    lines = [json.loads(line) for line in log.getvalue().splitlines()]
+    assert "key-one" not in log.getvalue() and "key-two" not in log.getvalue()
+    ok = next(x for x in lines if x["request_id"] == request_id)
+    assert ok["status"] == 200 and ok["path"] == "/v1/completions" and ok["completion_tokens"] == len(
+        GPT2Tokenizer.gpt2().encode("Bonjour")) and len(ok["key"]) == 12
+    assert {x["status"] for x in lines if x["path"] == "/v1/models"} == {401}
+    assert all(x["key"] is None for x in lines if x["status"] == 401)
+
+
+def test_streams_per_key_are_limited():
+    """--max-streams-per-key 2: a key's third stream at once gets 429; another key's does not; a
+    closed stream makes room."""
+    from jaxformer.serve.limits import Limits
+
+    with inprocess_server(FakeEngine(), keys=("a", "b"), limits=Limits(max_streams_per_key=2)) as url:
+        clients = {k: openai.OpenAI(base_url=f"{url}/v1", api_key=k, max_retries=0) for k in "ab"}
+
+        def open_stream(key):
+            stream = clients[key].completions.create(model="fake", prompt="Hi", max_tokens=100, stream=True)
+            next(iter(stream))
+            return stream
+        first, second = open_stream("a"), open_stream("a")
+        with pytest.raises(openai.RateLimitError, match="max-streams-per-key"):
+            open_stream("a")
+        other = open_stream("b")
+        first.close()
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                third = open_stream("a")
+                break
+            except openai.RateLimitError:
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+        for stream in (second, other, third):
+            stream.close()
+
+
+HOSTILE_PROMPT = '<script>window.__pwned = "prompt script"</script><img src=x onerror="window.__pwned = 1">'
+HOSTILE_TEXT = ('<img src=y onerror="window.__pwned = 2; document.title = 1">'
+                '<script>window.__pwned = 3; document.title = 2</script> & <b>bold</b>')
+
+
+def test_page_asks_for_the_key_once_and_shows_hostile_text_as_text(tmp_path):
+    """The page in headless Chromium against a server with a key: it asks for the key, keeps it for
+    the tab (a reload does not ask again), and a prompt and a continuation holding ``<script>`` and
+    ``<img onerror>`` appear literally, with nothing run."""
+    from page_check import check_hostile_text
+
+    with inprocess_server(FakeEngine(HOSTILE_TEXT), keys=("page-key",)) as url:
+        check_hostile_text(url, "page-key", HOSTILE_PROMPT, HOSTILE_TEXT, tmp_path / "hostile.png")
 
 
 def test_translations_equal_translate(server):
@@ -333,6 +427,112 @@ def test_translations_equal_translate(server):
     assert got == TranslationPipeline.load(server["translator_dir"]).translate(["Hello world.", "", "Bonjour."], beam_size=2)
 
 
+def raw(server, data: bytes, then: bytes = b"", wait: float = 0.0, timeout: float = 30) -> bytes:
+    """Sends ``data``, waits ``wait`` seconds, sends ``then``, and returns all the server sends
+    until it closes the connection (or ``timeout``)."""
+    port = int(server["url"].rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        sock.sendall(data)
+        time.sleep(wait)
+        with contextlib.suppress(OSError):
+            sock.sendall(then)
+        out = b""
+        with contextlib.suppress(TimeoutError, ConnectionResetError):
+            while chunk := sock.recv(65536):
+                out += chunk
+        return out
+
+
+def error_of(response: bytes) -> tuple[int, dict]:
+    head, _, body = response.partition(b"\r\n\r\n")
+    return int(head.split()[1]), json.loads(body)["error"]
+
+
+def test_limits_answer_4xx_in_openai_body(server):
+    """A body over 1 MiB (by Content-Length, or counted while a chunked body arrives), a body too
+    slow, too many or too long stop strings, too many or too long sentences, a beam beyond
+    --max-beam: each a 4xx with OpenAI's body naming the limit."""
+    post = b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+    status, err = error_of(raw(server, post + b"Content-Length: 2000000\r\n\r\n"))
+    assert status == 413 and "--max-body-bytes" in err["message"]
+    chunk = b"10000\r\n" + b" " * 0x10000 + b"\r\n"
+    status, err = error_of(raw(server, post + b"Transfer-Encoding: chunked\r\n\r\n" + chunk * 17))
+    assert status == 413 and err["code"] == "request_too_large"
+    t0 = time.monotonic()
+    status, err = error_of(raw(server, post + b"Content-Length: 100\r\n\r\n{\"prompt\":", wait=BODY_SECONDS + 1))
+    assert status == 408 and "--body-seconds" in err["message"] and time.monotonic() - t0 < BODY_SECONDS + 5
+    client = openai.OpenAI(base_url=server["url"] + "/v1", api_key="none", max_retries=0, timeout=60)
+    for stop, limit in ((list("abcde"), "up to 4"), ("x" * 257, "256 characters")):
+        with pytest.raises(openai.BadRequestError, match=limit) as e:
+            client.completions.create(model=server["name"], prompt="Hi", max_tokens=2, stop=stop)
+        assert e.value.param == "stop"
+
+    def translate(body):
+        req = urllib.request.Request(server["url"] + "/v1/translations", json.dumps(body).encode(),
+                                     {"Content-Type": "application/json"})
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.build_opener(urllib.request.ProxyHandler({})).open(req, timeout=60)
+        assert e.value.code == 400
+        return json.load(e.value)["error"]["message"]
+    assert "up to 64" in translate(dict(input=["Hi."] * 65))
+    assert "up to 2000" in translate(dict(input=["word " * 401]))
+    assert "max_len" in translate(dict(input=["Hello world. " * 12]))  # more tokens than the model reads
+    assert "--max-beam" in translate(dict(input="Hi.", beam_size=MAX_BEAM + 1))
+
+
+def test_slow_heads_and_huge_headers_are_cut_off(server):
+    """A request head still incomplete after --head-seconds: the connection is closed; headers
+    beyond h11's limit: refused with 4xx; the server serves on."""
+    t0 = time.monotonic()
+    assert raw(server, b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n", then=b"X-Slow: 1\r\n",
+               wait=1, timeout=HEAD_SECONDS + 10) == b""
+    assert time.monotonic() - t0 < HEAD_SECONDS + 5
+    head = b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 40000 + b"\r\n"
+    assert int(raw(server, head).split()[1]) == 400  # h11: too much of an unfinished head
+    assert int(raw(server, head + b"\r\n").split()[1]) == 431  # a whole head at once: the gate
+    assert get(server["url"] + "/health")["status"] == "ok"
+
+
+def test_metrics_request_ids_and_access_log(server):
+    """/metrics in Prometheus's format with vLLM's names; a response carries the client's
+    ``X-Request-Id`` (or a new one); the access log has one JSON line per request."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    body = json.dumps(dict(model=server["name"], prompt="Metrics", max_tokens=5, temperature=0)).encode()
+    conn = http.client.HTTPConnection("127.0.0.1", int(server["url"].rsplit(":", 1)[1]), timeout=60)
+    conn.request("POST", "/v1/completions", body, {"Content-Type": "application/json", "X-Request-Id": "abc-123"})
+    r = conn.getresponse()
+    assert r.status == 200 and r.getheader("X-Request-Id") == "abc-123"
+    r.read()
+    conn.request("GET", "/health")
+    r = conn.getresponse()
+    assert len(r.getheader("X-Request-Id")) == 32
+    r.read()
+    conn.request("GET", "/metrics")
+    r = conn.getresponse()
+    assert r.status == 200 and r.getheader("Content-Type").startswith("text/plain")
+    samples = {(x.name, tuple(sorted(x.labels.items()))): x.value
+               for family in text_string_to_metric_families(r.read().decode()) for x in family.samples}
+    names = {name for name, _ in samples}
+    for name in ("num_requests_running", "num_requests_waiting", "prompt_tokens_total", "generation_tokens_total",
+                 "time_to_first_token_seconds_count", "time_per_output_token_seconds_count",
+                 "e2e_request_latency_seconds_count", "request_success_total", "http_requests_total",
+                 "compilations_total", "compilations_while_serving_total", "slot_occupancy", "slots", "step_rows"):
+        assert f"jaxformer:{name}" in names, name
+    assert samples[("jaxformer:http_requests_total", (("path", "/v1/completions"), ("status", "200")))] >= 1
+    assert samples[("jaxformer:generation_tokens_total", ())] >= 5
+    assert samples[("jaxformer:compilations_while_serving_total", ())] == 0
+    assert samples[("jaxformer:slots", ())] == SLOTS
+    deadline = time.monotonic() + 10
+    while '"abc-123"' not in server["log"].read_text() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    line = next(json.loads(x) for x in server["log"].read_text().splitlines() if '"abc-123"' in x)
+    assert {k: line[k] for k in ("method", "path", "status", "prompt_tokens", "completion_tokens", "key")} == dict(
+        method="POST", path="/v1/completions", status=200, prompt_tokens=len(server["tok"].encode("Metrics")),
+        completion_tokens=5, key=None)
+    assert line["duration_s"] > 0 and line["time"].endswith("+00:00")
+
+
 def test_page_in_headless_chromium(server, tmp_path):
     from page_check import check_page  # the browser steps; a screenshot in tmp_path
 
@@ -341,6 +541,7 @@ def test_page_in_headless_chromium(server, tmp_path):
 
 def test_no_compilation_after_warmup(server):
     """Every completion above (prompt lengths 1-20 tokens, 1-12 sequences at once, greedy and
-    sampled, stop sequences, logprobs, scored prompts) reused the shapes compiled at start-up: the
-    decoding thread compiled nothing (the translator compiles its shapes as they come)."""
-    assert get(server["url"] + "/health")["compilations_while_serving"] == 0
+    sampled, stop sequences, logprobs, scored prompts) and translation reused the shapes compiled
+    at start-up: the process compiled nothing since it listened."""
+    health = get(server["url"] + "/health")
+    assert health["compilations_while_serving"] == 0 and health["compilations"] == server["compilations"]

@@ -4,26 +4,38 @@ Routes: ``POST /v1/completions`` (OpenAI's fields; ``stream`` sends server-sent 
 piece of text, then ``data: [DONE]``; ``echo`` with ``logprobs`` scores the prompt, and
 ``max_tokens`` 0 then generates nothing), ``GET /v1/models``, ``POST /v1/translations``,
 ``GET /health`` (``compilations``: in the process; ``compilations_while_serving``: by the decoding
-loop after its warm-up, which stays 0), ``GET /`` (the page). Errors use OpenAI's body,
-``{"error": {"message", "type", "param", "code"}}``, with 400 (a bad request), 404 (an unknown
-model or route), 429 (the queue is full, with ``Retry-After``). Extensions: ``top_k``,
-``ignore_eos`` (generate ``max_tokens`` whatever EOS), ``translation`` models.
+and translation threads after their warm-up, which stays 0), ``GET /metrics`` (Prometheus),
+``GET /`` (the page). Errors use OpenAI's body, ``{"error": {"message", "type", "param", "code"}}``,
+with 400 (a bad request), 401 (no valid API key), 404 (an unknown model or route), 408 and 413 (a
+body too slow or too large), 429 (the queue or the key's streams are full, with ``Retry-After``),
+503 (draining before exit, with ``Retry-After``). Extensions: ``top_k``, ``ignore_eos`` (generate
+``max_tokens`` whatever EOS), ``translation`` models. Every request passes
+:class:`~jaxformer.serve.gate.Gate` first.
 """
 
+import collections
 import dataclasses
+import sys
 import time
 from pathlib import Path
 
 from fastapi import APIRouter, FastAPI, Request
-from fastapi.responses import HTMLResponse
+from fastapi.responses import HTMLResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException
 
 from jaxformer.serve.compilations import compilations
 from jaxformer.serve.completions import full_response, stream_response, submit_completion
-from jaxformer.serve.engine import ENGINE_THREAD, QueueFull
-from jaxformer.serve.protocol import APIError, busy, parse_completion, parse_json, parse_translation
+from jaxformer.serve.engine import ENGINE_THREAD
+from jaxformer.serve.gate import Gate, GateState, Keys
+from jaxformer.serve.limits import Limits
+from jaxformer.serve.metrics import AccessLog, ServerMetrics
+from jaxformer.serve.protocol import APIError, busy, parse_completion, parse_json, parse_translation, shutting_down
+from jaxformer.serve.sequence import QueueFull, ShuttingDown
+from jaxformer.serve.translations import TRANSLATOR_THREAD
 
 PAGE = Path(__file__).with_name("page.html")
+SERVING_THREADS = (ENGINE_THREAD, TRANSLATOR_THREAD)
 routes = APIRouter()
 
 
@@ -38,10 +50,37 @@ class Served:
     created: int = dataclasses.field(default_factory=lambda: int(time.time()))
 
 
-def create_app(models: list[Served]) -> FastAPI:
-    """The FastAPI app serving ``models``."""
+class Streams:
+    """The streamed completions open per key id, at most ``limit`` each (429 beyond)."""
+
+    def __init__(self, limit: int):
+        self.limit, self.open = limit, collections.Counter()
+
+    def acquire(self, key: str | None) -> None:
+        if self.open[key] >= self.limit:
+            raise APIError(429, f"this key has {self.open[key]} streams open, the most it may "
+                                "(--max-streams-per-key); retry when one ends", code="rate_limit_exceeded",
+                           kind="requests", headers={"Retry-After": "1"})
+        self.open[key] += 1
+
+    def release(self, key: str | None) -> None:
+        self.open[key] -= 1
+        if not self.open[key]:
+            del self.open[key]
+
+
+def create_app(models: list[Served], keys: tuple[str, ...] = (), limits: Limits = Limits(),
+               access_log=sys.stderr) -> FastAPI:
+    """The FastAPI app serving ``models``; ``keys``: the accepted API keys (none: ``/v1`` is open);
+    ``access_log``: a text stream for the JSON-lines access log (None: none)."""
     app = FastAPI(title="jaxformer", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.models = models
+    app.state.limits = limits
+    app.state.streams = Streams(limits.max_streams_per_key)
+    metrics = ServerMetrics([m.model for m in models if m.task == "completion"], SERVING_THREADS)
+    app.state.metrics = metrics
+    app.state.gate = GateState(Keys(keys), limits, metrics, AccessLog(access_log))
+    app.add_middleware(Gate, state=app.state.gate)
     app.add_exception_handler(APIError, api_error)
     app.add_exception_handler(HTTPException, http_error)
     app.add_exception_handler(Exception, server_error)
@@ -94,33 +133,65 @@ async def health(request: Request):
     engines = [m.model for m in models if m.task == "completion"]
     counts = compilations()
     return dict(status="ok", models=[m.name for m in models], compilations=counts.total,
-                compilations_while_serving=counts.by_thread[ENGINE_THREAD],
+                compilations_while_serving=sum(counts.by_thread[t] for t in SERVING_THREADS),
                 slots=sum(e.slots for e in engines), active=sum(e.active for e in engines),
                 queued=sum(e.queued for e in engines))
 
 
+@routes.get("/metrics")
+async def metrics(request: Request):
+    return Response(generate_latest(request.app.state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
 @routes.get("/v1/models")
 async def list_models(request: Request):
-    return dict(object="list", data=[dict(id=m.name, object="model", created=m.created, owned_by="jaxformer",
-                                          task=m.task) for m in request.app.state.models])
+    def entry(m: Served) -> dict:
+        extra = dict(max_beam=m.model.max_beam) if m.task == "translation" else {}
+        return dict(id=m.name, object="model", created=m.created, owned_by="jaxformer", task=m.task, **extra)
+    return dict(object="list", data=[entry(m) for m in request.app.state.models])
 
 
 @routes.post("/v1/translations")
 async def translations(request: Request):
     body, served = await read(request, "translation")
-    sentences, beam = parse_translation(body)
+    sentences, beam = parse_translation(body, served.model.max_beam, request.app.state.limits)
+    why = served.model.too_long(sentences)
+    if why:
+        raise APIError(400, why, param="input", code="context_length_exceeded")
     try:
         out = await served.model.translate(sentences, beam)
     except QueueFull as e:
         raise busy(e) from None
+    except ShuttingDown:
+        raise shutting_down() from None
+    request.app.state.metrics.sentences.inc(len(sentences))
     return dict(object="translation", model=served.name, translations=out)
 
 
 @routes.post("/v1/completions")
 async def completions(request: Request):
     body, served = await read(request, "completion")
-    parsed = parse_completion(body, served.model.config, served.tokenizer)
-    run = submit_completion(parsed, served.name, served.model, served.tokenizer)
+    app = request.app.state
+    parsed = parse_completion(body, served.model.config, served.tokenizer, app.limits)
+    key = request.state.key_id
+    if parsed.stream:
+        app.streams.acquire(key)
+
+    def on_close(run) -> None:
+        app.metrics.completion(run, time.monotonic())
+        request.state.usage = run.usage()
+        if parsed.stream:
+            app.streams.release(key)
+
+    try:
+        run = submit_completion(parsed, served.name, served.model, served.tokenizer, on_close)
+    except Exception:
+        if parsed.stream:
+            app.streams.release(key)
+        raise
     if parsed.stream:
         return stream_response(run)
-    return await full_response(run, request.is_disconnected)
+    try:
+        return await full_response(run, request.is_disconnected)
+    finally:
+        run.close()

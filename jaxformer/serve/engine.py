@@ -5,13 +5,17 @@ prompt, padded to a power of two) into that slot's part of the KV cache, and its
 picked. Then every step feeds each active slot's last token at that slot's own position
 (:class:`~jaxformer.nn.attention.KVCache` writes row ``r`` at ``index[r]``) and picks the next tokens
 for all slots at once. A sequence leaves at EOS, a stop sequence, its token limit, the context's
-end or a cancel, and its slot is taken by the next queued request at the next step.
+end or a cancel, and its slot is taken by the next queued request at the next step. A step runs
+over the smallest bucket of slots (1, 4, 16, ...) holding every active one; when sequences leave,
+those above the bucket the live count needs move down into free slots (cache rows, position, last
+token, key: one jitted row copy), so the step shrinks with the traffic.
 
 Shapes never depend on the traffic: the cache holds ``window`` positions for every slot, where
 ``window`` is a power of two that grows (and shrinks) with the longest active sequence, so a step
 attends over what is used, not over ``n_positions``; prompts are padded to powers of two. Every
-shape is compiled at start-up (``warmup``); :func:`~jaxformer.serve.compilations.compilations`
-counts the process's compilations (``/health`` shows it), which stay put while serving.
+shape is compiled at start-up (:func:`~jaxformer.serve.warmup.warm_up`);
+:func:`~jaxformer.serve.compilations.compilations` counts the process's compilations (``/health``
+shows it), which stay put while serving.
 
 A sequence may ask for its prompt's scores (each prompt token's log-probability given the tokens
 before it, and the best alternatives): one more jitted forward pass over the padded prompt, with
@@ -23,12 +27,10 @@ and key, all traced. Sequence ``j`` of a request with seed ``s`` draws step ``i`
 gives what ``generate`` gives for the same prompt and settings.
 """
 
-import dataclasses
 import functools
 import queue
 import threading
 import traceback
-from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -41,55 +43,11 @@ from jaxformer.gpt2.model import GPT2
 from jaxformer.nn.attention import KVCache
 from jaxformer.nn.decoding import sample_logits
 from jaxformer.serve.compilations import compilations
+from jaxformer.serve.sequence import QueueFull, Sampling, Sequence, Token, notify
 
 TOP_LOGPROBS = 5  # alternatives reported per token (OpenAI's completions allow up to 5)
 ENGINE_THREAD = "jaxformer-engine"  # the decoding loop's thread (compilations there: after warm-up)
 MIN_WINDOW, MIN_PROMPT = 64, 16
-
-
-@dataclasses.dataclass
-class Sampling:
-    """One sequence's settings. temperature 0 is greedy."""
-
-    max_tokens: int
-    temperature: float = 1.0
-    top_p: float = 1.0
-    top_k: int = 0
-    seed: int = 0
-    ignore_eos: bool = False
-
-
-@dataclasses.dataclass
-class Token:
-    """One token: its id, log-probability and the ``TOP_LOGPROBS`` best alternatives (a prompt's
-    first token has none: logprob None)."""
-
-    id: int
-    logprob: float | None
-    top_ids: list[int]
-    top_logprobs: list[float]
-
-
-class Sequence:
-    """One generated sequence (a request has ``n`` of them). The engine calls ``emit(token)`` for each
-    token and ``finish(reason)`` once (``"stop"``: EOS, ``"length"``: the token limit or the
-    context's end, ``"cancelled"``, ``"error"``: a bug in the engine); ``should_stop()`` lets the
-    caller end it (a stop sequence). With ``scored``, the prompt's tokens with their log-probabilities
-    go to ``scored(tokens)`` before the first generated token (``max_tokens`` 0: nothing is generated)."""
-
-    def __init__(self, prompt: list[int], sampling: Sampling, index: int,
-                 emit: Callable[[Token], None], finish: Callable[[str], None],
-                 should_stop: Callable[[], bool] = lambda: False,
-                 scored: Callable[[list[Token]], None] | None = None):
-        self.prompt, self.sampling, self.index = prompt, sampling, index
-        self.emit, self.finish, self.should_stop, self.scored = emit, finish, should_stop, scored
-        self.generated = 0
-        self.cancelled = False
-        self.slot: int | None = None
-
-
-class QueueFull(RuntimeError):
-    """The engine's queue holds ``max_queue`` sequences; try again later."""
 
 
 class Engine:
@@ -125,8 +83,11 @@ class Engine:
         self._cache = self._zeros(self.window)
         self._thread = threading.Thread(target=self._run, name=ENGINE_THREAD, daemon=True)
         self.steps = 0
+        self.step_rows = 0  # rows of the latest step (a bucket)
+        self._ending = threading.Event()
         if warmup:
-            self.warmup()
+            from jaxformer.serve.warmup import warm_up
+            warm_up(self)
         self._thread.start()
 
     # --- public -----------------------------------------------------------------------------------
@@ -160,6 +121,12 @@ class Engine:
         """Ends the sequences (a client that went away): their slots free at the next step."""
         for s in seqs:
             s.cancelled = True
+        self._wake.set()
+
+    def shutdown(self) -> None:
+        """Ends every running and waiting sequence (``finish("shutdown")``) at the next step, and
+        every sequence submitted from now on."""
+        self._ending.set()
         self._wake.set()
 
     def close(self) -> None:
@@ -229,6 +196,15 @@ class Engine:
                        jax.lax.dynamic_update_slice(cache.v, v.astype(cache.v.dtype), start))
 
     @staticmethod
+    @functools.partial(jax.jit, donate_argnums=0)
+    def _move(cache: KVCache, src, dst) -> KVCache:
+        """The cache with slot ``dst``'s keys and values replaced by slot ``src``'s."""
+        def move(x):
+            row = jax.lax.dynamic_index_in_dim(x, src, axis=1)
+            return jax.lax.dynamic_update_index_in_dim(x, row, dst, axis=1)
+        return KVCache(move(cache.k), move(cache.v))
+
+    @staticmethod
     @functools.partial(jax.jit, static_argnums=1)
     def _resize(cache: KVCache, window: int) -> KVCache:
         """The cache with ``window`` positions: padded with zeros, or cut (nothing active beyond)."""
@@ -243,46 +219,20 @@ class Engine:
         s = [seq.sampling if seq else Sampling(1, temperature=0) for seq in seqs]
         return np.float32([x.temperature for x in s]), np.int32([x.top_k for x in s]), np.float32([x.top_p for x in s])
 
-    def warmup(self) -> None:
-        """Compiles every shape serving can meet: each window, each prompt length that fits it, the
-        insertion of a prompt into each window, the resizes between windows, and the scoring of
-        each prompt length."""
-        windows, w = [], MIN_WINDOW
-        while w < self.config.n_positions:
-            windows.append(w)
-            w *= 2
-        windows.append(w)
-        idle = np.zeros(self.slots, np.int32)
-        for w in windows:
-            cache = self._zeros(w)
-            for r in self.buckets:
-                cache = self._step(self.params, cache, idle[:r], idle[:r], self._keys[:r], idle[:r].astype(np.uint32),
-                                   *self._settings([None] * r))[-1]
-            p = MIN_PROMPT
-            while p <= w:
-                *_, k, v = self._prefill(self.params, np.zeros((1, p), np.int32), np.int32(1), np.int32(0),
-                                         np.int32(0), *self._settings([None]))
-                cache = self._insert(cache, k, v, np.int32(0))
-                p *= 2
-            for other in windows:
-                if other != w:
-                    self._resize(cache, other)
-        p = MIN_PROMPT
-        while p <= windows[-1]:
-            self._score(self.params, np.zeros((1, p), np.int32))
-            p *= 2
-
     # --- the loop ------------------------------------------------------------------------------------
 
     def _run(self) -> None:
         while not self._stop.is_set():
             try:
+                if self._ending.is_set():
+                    self._end_all("shutdown")
                 self._admit()
                 if not self.active:
                     self._wake.wait(timeout=0.1)
                     self._wake.clear()
                     continue
                 self._fit_window()
+                self._compact()
                 self._advance()
             except Exception:  # a bug: end what is running (its clients hear "error"), keep serving
                 traceback.print_exc()
@@ -290,6 +240,20 @@ class Engine:
                     if seq is not None:
                         self._end(slot, "error")
                 self._cache = self._zeros(self.window)  # a failed step may have consumed (donated) it
+
+    def _end_all(self, reason: str) -> None:
+        """Ends the running sequences and the waiting ones with ``reason``."""
+        for slot, seq in enumerate(self._seqs):
+            if seq is not None:
+                self._end(slot, reason)
+        while True:
+            try:
+                seq = self._queue.get_nowait()
+            except queue.Empty:
+                return
+            with self._lock:
+                self._queued -= 1
+            notify(seq.finish, reason)
 
     def _admit(self) -> None:
         """Prefills queued sequences into free slots, one at a time."""
@@ -337,11 +301,24 @@ class Engine:
         tok, lp, top_ids, top_lp = (x[0] for x in jax.device_get((tok, lp, top_ids, top_lp)))  # one transfer
         self._deliver(slot, int(tok), float(lp), top_ids, top_lp)
 
+    def _compact(self) -> None:
+        """Moves the sequences above the smallest bucket that could hold them all into its free
+        slots (cache rows, position, last token, key), so a step's rows follow the live count."""
+        live = [i for i, s in enumerate(self._seqs) if s is not None]
+        need = min(b for b in self.buckets if b >= len(live))
+        free = [i for i in range(need) if self._seqs[i] is None]
+        for src, dst in zip([i for i in live if i >= need], free):
+            self._cache = self._move(self._cache, np.int32(src), np.int32(dst))
+            for a in (self._pos, self._last, self._keys):
+                a[dst] = a[src]
+            seq = self._seqs[dst] = self._seqs[src]
+            self._seqs[src], seq.slot = None, dst
+
     def _advance(self) -> None:
         """One step over the smallest bucket of slots that holds every active one (new sequences
-        take the lowest free slot, so few active sequences run a small step)."""
+        take the lowest free slot, and :meth:`_compact` moves the others down)."""
         used = max(i for i, s in enumerate(self._seqs) if s is not None) + 1
-        r = min(b for b in self.buckets if b >= used)
+        r = self.step_rows = min(b for b in self.buckets if b >= used)
         seqs = self._seqs[:r]
         counts = np.asarray([seq.generated if seq else 0 for seq in seqs], np.uint32)
         tok, lp, top_ids, top_lp, self._cache = self._step(self.params, self._cache, self._last[:r], self._pos[:r],
@@ -386,14 +363,3 @@ class Engine:
         if window != self.window:
             self._cache = self._resize(self._cache, window)
             self.window = window
-
-
-def notify(callback, *args) -> bool:
-    """Calls a sequence's callback; one that fails (e.g. its event loop closed) is logged and does
-    not stop the engine. Returns whether it succeeded."""
-    try:
-        callback(*args)
-        return True
-    except Exception:
-        traceback.print_exc()
-        return False

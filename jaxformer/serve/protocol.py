@@ -13,8 +13,9 @@ import uuid
 from fastapi.responses import JSONResponse
 
 from jaxformer.serve.engine import TOP_LOGPROBS, QueueFull
+from jaxformer.serve.limits import Limits
 
-MAX_N, MAX_STOPS, MAX_BEAM = 16, 4, 16
+MAX_N = 16
 
 
 class APIError(Exception):
@@ -40,6 +41,12 @@ def busy(e: QueueFull) -> APIError:
 
 def engine_failed() -> APIError:
     return APIError(500, "the decoding engine failed; see the server's log", kind="server_error")
+
+
+def shutting_down() -> APIError:
+    """503 for a request that arrives, or is still running, while the server drains before exiting."""
+    return APIError(503, "the server is shutting down; retry on another instance or after its restart",
+                    code="server_shutting_down", kind="server_error", headers={"Retry-After": "5"})
 
 
 def parse_json(raw: bytes) -> dict:
@@ -102,16 +109,21 @@ def _prompts(body: dict, tokenizer) -> list[list[int]]:
     return [tokenizer.encode(p) if isinstance(p, str) else p for p in prompt]
 
 
-def _stops(body: dict) -> tuple[str, ...]:
+def _stops(body: dict, limits: Limits) -> tuple[str, ...]:
     stop = body.get("stop")
     stop = [stop] if isinstance(stop, str) else stop or []
-    if not isinstance(stop, list) or len(stop) > MAX_STOPS or not all(isinstance(s, str) and s for s in stop):
-        raise APIError(400, f"stop: give a string or up to {MAX_STOPS} non-empty strings", param="stop")
+    if not isinstance(stop, list) or len(stop) > limits.max_stops or not all(isinstance(s, str) and s for s in stop):
+        raise APIError(400, f"stop: give a string or up to {limits.max_stops} non-empty strings (--max-stops)",
+                       param="stop")
+    if any(len(s) > limits.max_stop_chars for s in stop):
+        raise APIError(400, f"stop: a stop string may have up to {limits.max_stop_chars} characters "
+                            "(--max-stop-chars)", param="stop")
     return tuple(stop)
 
 
-def parse_completion(body: dict, config, tokenizer) -> CompletionRequest:
+def parse_completion(body: dict, config, tokenizer, limits: Limits = Limits()) -> CompletionRequest:
     """The request in ``body`` for a GPT-2 of ``config`` (vocabulary, context); APIError on a bad field."""
+    stop = _stops(body, limits)  # before the prompts: cheap checks first
     ids = _prompts(body, tokenizer)
     echo = field(body, "echo", bool, False)
     request = CompletionRequest(
@@ -128,7 +140,7 @@ def parse_completion(body: dict, config, tokenizer) -> CompletionRequest:
         ignore_eos=field(body, "ignore_eos", bool, False),
         stream=field(body, "stream", bool, False),
         echo=echo,
-        stop=_stops(body),
+        stop=stop,
         include_usage=field(body, "stream_options", dict, {}).get("include_usage", False) is True,
     )
     field(body, "best_of", int, None, lambda v: v == 1, "best_of is not supported")
@@ -145,13 +157,23 @@ def parse_completion(body: dict, config, tokenizer) -> CompletionRequest:
     return request
 
 
-def parse_translation(body: dict) -> tuple[list[str], int]:
-    """(the sentences, the beam size) of a ``/v1/translations`` body."""
+def parse_translation(body: dict, max_beam: int, limits: Limits = Limits()) -> tuple[list[str], int]:
+    """(the sentences, the beam size) of a ``/v1/translations`` body (beam sizes 1 .. ``max_beam``)."""
     text = body.get("input")
     sentences = [text] if isinstance(text, str) else text
     if not isinstance(sentences, list) or not sentences or not all(isinstance(s, str) for s in sentences):
         raise APIError(400, "input: give a sentence or a non-empty list of sentences", param="input")
-    return sentences, field(body, "beam_size", int, 4, lambda v: 1 <= v <= MAX_BEAM, f"must lie in [1, {MAX_BEAM}]")
+    if len(sentences) > limits.max_translation_inputs:
+        raise APIError(400, f"input: {len(sentences)} sentences; a request may have up to "
+                            f"{limits.max_translation_inputs} (--max-translation-inputs)", param="input")
+    for i, s in enumerate(sentences):
+        if len(s) > limits.max_translation_chars:
+            raise APIError(400, f"input {i} has {len(s)} characters; a sentence may have up to "
+                                f"{limits.max_translation_chars} (--max-translation-chars)", param="input",
+                           code="context_length_exceeded")
+    beam = field(body, "beam_size", int, min(4, max_beam), lambda v: 1 <= v <= max_beam,
+                 f"must lie in [1, {max_beam}] (the server's --max-beam)")
+    return sentences, beam
 
 
 # --- responses -----------------------------------------------------------------------------------------

@@ -5,30 +5,52 @@ import asyncio
 import threading
 import traceback
 
-from jaxformer.serve.engine import QueueFull, notify
+from jaxformer.serve.sequence import QueueFull, ShuttingDown, notify
+
+TRANSLATOR_THREAD = "jaxformer-translator"  # the worker's thread (compilations there: after warm-up)
 
 
 class TranslationWorker:
     """Translates queued requests on its own thread with ``model.translate(sentences, beam_size)``.
 
     max_queue: requests waiting beyond which :meth:`submit` raises :class:`QueueFull` (an idle
-    worker takes one at once).
+    worker takes one at once). max_beam: the largest beam size served.
     """
 
-    def __init__(self, model, max_queue: int = 64):
-        self.model, self.max_queue = model, max_queue
+    def __init__(self, model, max_queue: int = 64, max_beam: int = 4):
+        self.model, self.max_queue, self.max_beam = model, max_queue, max_beam
         self._jobs: list = []
-        self._busy = False
+        self._busy = self._closed = False
         self._cv = threading.Condition()
-        threading.Thread(target=self._run, name="jaxformer-translator", daemon=True).start()
+        threading.Thread(target=self._run, name=TRANSLATOR_THREAD, daemon=True).start()
+
+    def too_long(self, sentences: list[str]) -> str | None:
+        """Why a sentence is too long for the model (its tokens beyond ``max_len``), or None."""
+        from jaxformer.translator import tokenizer as tk
+
+        room = self.model.config.max_len - 1  # and EOS
+        for i, ids in enumerate(tk.encode(self.model.tokenizer, sentences)):
+            if len(ids) > room:
+                return f"input {i} has {len(ids)} tokens; this translator reads at most {room} (its max_len)"
+        return None
 
     def submit(self, sentences: list[str], beam: int, done) -> None:
         """Queues a request; ``done(translations or exception)`` is called on the worker's thread."""
         with self._cv:
+            if self._closed:
+                raise ShuttingDown("the translator is shutting down")
             if len(self._jobs) >= self.max_queue + (not self._busy):
                 raise QueueFull(f"{len(self._jobs)} translation requests are waiting")
             self._jobs.append((sentences, beam, done))
             self._cv.notify()
+
+    def shutdown(self) -> None:
+        """Refuses new requests and answers the waiting ones with :class:`ShuttingDown` (the batch
+        being translated finishes)."""
+        with self._cv:
+            self._closed, jobs, self._jobs = True, self._jobs, []
+        for *_, done in jobs:
+            notify(done, ShuttingDown("the server is shutting down"))
 
     async def translate(self, sentences: list[str], beam: int) -> list[str]:
         """The translations, awaited on the caller's event loop (QueueFull at once when full)."""

@@ -7,8 +7,10 @@ Source batches are padded to one of a few lengths (8, 12, 16, 24, 32, 48, ... up
 per batch.
 """
 
+import concurrent.futures
 import functools
 import math
+import os
 import warnings
 from pathlib import Path
 
@@ -97,6 +99,27 @@ class TranslationPipeline:
         config = TranslatorConfig.load(d / "config.json")
         params = load_run_params(d, jax.eval_shape(lambda: init_params(config, jax.random.key(0))))
         return cls(config, params, tk.load_tokenizer(d / "tokenizer.json"), **kw)
+
+    def row_counts(self) -> list[int]:
+        """The row counts :meth:`translate` pads a batch to: powers of two, up to ``batch_size``."""
+        return sorted({min(self.batch_size, 1 << (n - 1).bit_length()) for n in range(1, self.batch_size + 1)})
+
+    def warm_up(self, beam_sizes, threads: int | None = None) -> int:
+        """Compiles the search for each beam size in ``beam_sizes`` at every padded source length and
+        row count :meth:`translate` can meet (the default length penalty, no edits), on ``threads``
+        threads (default: one per CPU), so that translating compiles nothing. Returns the shapes."""
+        shapes = [(beam, length, rows) for beam in beam_sizes for length in source_lengths(self.config.max_len)
+                  for rows in self.row_counts()]
+
+        def compile_one(shape):
+            beam, length, rows = shape
+            src = np.full((rows, length), tk.PAD_ID, np.int32)
+            self.search(self.params, src, beam_size=beam, max_len=output_len(self.config, length), alpha=LENGTH_ALPHA,
+                        edits=None)
+
+        with concurrent.futures.ThreadPoolExecutor(threads or os.cpu_count() or 1) as pool:
+            list(pool.map(compile_one, shapes))
+        return len(shapes)
 
     def translate(self, sentences: list[str], beam_size: int = BEAM_SIZE, alpha: float = LENGTH_ALPHA,
                   edits: dict | None = None) -> list[str]:
