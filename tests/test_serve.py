@@ -458,9 +458,8 @@ def test_limits_answer_4xx_in_openai_body(server):
     chunk = b"10000\r\n" + b" " * 0x10000 + b"\r\n"
     status, err = error_of(raw(server, post + b"Transfer-Encoding: chunked\r\n\r\n" + chunk * 17))
     assert status == 413 and err["code"] == "request_too_large"
-    t0 = time.monotonic()
     status, err = error_of(raw(server, post + b"Content-Length: 100\r\n\r\n{\"prompt\":", wait=BODY_SECONDS + 1))
-    assert status == 408 and "--body-seconds" in err["message"] and time.monotonic() - t0 < BODY_SECONDS + 5
+    assert status == 408 and "--body-seconds" in err["message"]
     client = openai.OpenAI(base_url=server["url"] + "/v1", api_key="none", max_retries=0, timeout=60)
     for stop, limit in ((list("abcde"), "up to 4"), ("x" * 257, "256 characters")):
         with pytest.raises(openai.BadRequestError, match=limit) as e:
