@@ -3,6 +3,10 @@ directory / hub id.
 
     jaxformer generate --model DIR --prompt "Hello" --max-new-tokens 40 --top-p 0.9 --seed 1
     jaxformer generate --model DIR --prompt "A" --prompt "B" --greedy --json
+    jaxformer generate --model BASE --lora ADAPTER --prompt "English: I like cheese. French:"
+
+--lora applies a LoRA adapter (a PEFT directory or a jaxformer LoRA run) to the model as it
+runs, without merging it into the weights.
 
 The tokenizer is the model's own files, else --tokenizer DIR, else GPT-2's (shipped with jaxformer).
 """
@@ -28,6 +32,8 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", choices=["float32", "bfloat16"],
                     help="weights as read while decoding: bfloat16 halves the bytes (default: the model's)")
     ap.add_argument("--quantize", choices=["int8"], help="int8 weights with a scale per output (a quarter)")
+    ap.add_argument("--lora", metavar="ADAPTER", help="LoRA adapter on --model: a PEFT directory or a jaxformer "
+                                                      "LoRA run")
     ap.add_argument("--tokenizer", help="tokenizer directory, when the model has none")
     ap.add_argument("--json", action="store_true", help="one JSON object per output line")
     args = ap.parse_args(argv)
@@ -45,6 +51,14 @@ def run(args) -> int:
 
     weights = args.quantize or {"float32": "float", "bfloat16": "bfloat16"}.get(args.dtype)
     config, params, tok = load_pretrained(args.model, weights=weights, scan_layers=False)
+    adapters = None
+    if args.lora:
+        from jaxformer.gpt2 import lora, peft
+        from jaxformer.gpt2.tokenizer import has_tokenizer
+
+        spec, adapter = peft.load_adapter(args.lora, config)
+        adapters = lora.model_input(adapter, spec, config)
+        tok = tok or (GPT2Tokenizer.from_dir(args.lora) if has_tokenizer(args.lora) else None)
     if args.tokenizer:
         tok = GPT2Tokenizer.from_dir(args.tokenizer)
     tok = tok or GPT2Tokenizer.gpt2()
@@ -52,7 +66,7 @@ def run(args) -> int:
     ids = tok.encode_batch(prompts)
     start = time.perf_counter()
     outs = generate(params, config, ids, max_new_tokens=args.max_new_tokens, greedy=args.greedy,
-                    temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+                    temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed, lora=adapters)
     seconds = time.perf_counter() - start
     for prompt, new in zip(prompts, outs):
         text = tok.decode(new)

@@ -5,6 +5,14 @@
   vocabulary of small book-trained GPTs); documents are joined with ``<|endoftext|>``.
 * Split: the last ``val_fraction`` of the token stream is held out.
 * Packing: window ``i`` is ``tokens[i*T : i*T + T + 1]`` (inputs = window[:-1], targets = window[1:]).
+* Completion-only data (supervised fine-tuning, as TRL's completion-only loss): a ``.jsonl`` file
+  whose lines hold ``prompt`` and ``completion`` strings. Each example is ``prompt + completion +
+  <|endoftext|>`` (prompt and completion tokenized apart, so the boundary is exact), examples are
+  packed into one stream like documents, and a parallel boolean stream marks the tokens that count
+  as targets: the completion's and the closing EOS, never a prompt's. A window's targets
+  ``window[1:]`` then count where the mask does, so across a boundary the next example's prompt is
+  never a target of the previous one; its batches are ``{"tokens": int32[..., T + 1], "loss_mask":
+  bool[..., T]}``. The validation split is the last examples (cut at an example's start).
 * Order: epoch ``e`` visits the windows in ``permutation(rng(seed, e))``; sample ``k`` of the run is
   position ``k % n`` of epoch ``k // n``. The batch at step ``s`` is therefore a pure function of
   ``(seed, s)``: resuming needs no saved data position beyond the step.
@@ -32,20 +40,53 @@ def resolve_paths(data) -> list[Path]:
     return [datasets.locate(d) if d in datasets.DATASETS else datasets.locate(d, d) for d in data]
 
 
+def _records(path: Path):
+    """(line number, JSON value) of each non-empty line of a ``.jsonl`` file."""
+    for i, line in enumerate(read_text(path).splitlines()):
+        if not line.strip():
+            continue
+        try:
+            yield i + 1, json.loads(line)
+        except json.JSONDecodeError as e:
+            raise InputError(f"{path}:{i + 1}: malformed JSON ({e.msg} at column {e.colno})") from None
+
+
+SFT_FIELDS = ("prompt", "completion")
+
+
+def is_sft(paths) -> bool:
+    """Whether ``paths`` are completion-only data: ``.jsonl`` files whose first record holds
+    ``prompt`` and ``completion`` strings."""
+    for path in map(Path, paths):
+        if path.suffix != ".jsonl":
+            return False
+        first = next(_records(path), (0, None))[1]
+        if not (isinstance(first, dict) and all(isinstance(first.get(k), str) for k in SFT_FIELDS)):
+            return False
+    return bool(paths)
+
+
+def read_pairs(paths) -> list[tuple[str, str]]:
+    """(prompt, completion) of every line of the ``.jsonl`` files ``paths``."""
+    pairs = []
+    for path in map(Path, paths):
+        for line, record in _records(path):
+            if not isinstance(record, dict) or not all(isinstance(record.get(k), str) for k in SFT_FIELDS):
+                raise InputError(f"{path}:{line}: expected string fields prompt and completion")
+            pairs.append((record["prompt"], record["completion"]))
+    if not pairs:
+        raise InputError(f"no examples in {', '.join(map(str, paths))}")
+    return pairs
+
+
 def read_texts(paths, text_field: str = "text") -> list[str]:
     """Documents from ``.txt`` files (one each) and ``.jsonl`` files (field ``text_field`` per line)."""
     docs = []
     for path in map(Path, paths):
         if path.suffix == ".jsonl":
-            for i, line in enumerate(read_text(path).splitlines()):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise InputError(f"{path}:{i + 1}: malformed JSON ({e.msg} at column {e.colno})") from None
+            for line, record in _records(path):
                 if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
-                    raise InputError(f"{path}:{i + 1}: no text field {text_field!r} (use --text-field)")
+                    raise InputError(f"{path}:{line}: no text field {text_field!r} (use --text-field)")
                 docs.append(record[text_field])
         elif path.suffix == ".txt":
             docs.append(read_text(path))
@@ -94,6 +135,20 @@ def tokenize(tok: GPT2Tokenizer, texts: list[str]) -> np.ndarray:
     return np.fromiter((t for doc in ids for t in (*doc, tok.eos_id)), np.int32)
 
 
+def tokenize_pairs(tok: GPT2Tokenizer, pairs: list[tuple[str, str]]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(tokens int32[n], loss_mask bool[n], example starts int64[examples]): every example as
+    ``prompt + completion + EOS``; ``loss_mask[i]``: token i is a target that counts (a
+    completion's token or the EOS)."""
+    prompts = tok.encode_batch([p for p, _ in pairs])
+    completions = tok.encode_batch([c for _, c in pairs])
+    tokens, mask, starts = [], [], []
+    for p, c in zip(prompts, completions):
+        starts.append(len(tokens))
+        tokens += [*p, *c, tok.eos_id]
+        mask += [False] * len(p) + [True] * (len(c) + 1)
+    return np.asarray(tokens, np.int32), np.asarray(mask, bool), np.asarray(starts, np.int64)
+
+
 def split(tokens: np.ndarray, val_fraction: float) -> tuple[np.ndarray, np.ndarray]:
     """(train, validation): the validation part is the last ``val_fraction`` of the stream."""
     cut = len(tokens) - int(round(len(tokens) * val_fraction))
@@ -105,6 +160,22 @@ def write_splits(out: Path, tokens: np.ndarray, val_fraction: float) -> None:
     (out / "data").mkdir(parents=True, exist_ok=True)
     for name, part in zip(("train", "val"), split(tokens, val_fraction)):
         np.save(out / "data" / f"{name}.npy", part)
+
+
+def write_sft_splits(out: Path, tokenized: tuple[np.ndarray, np.ndarray, np.ndarray], val_fraction: float) -> None:
+    """Writes :func:`tokenize_pairs`'s streams as ``out/data/{train,val}.npy`` and
+    ``{train,val}_loss_mask.npy``, split at the first example start at or after :func:`split`'s cut."""
+    tokens, mask, starts = tokenized
+    cut = len(split(tokens, val_fraction)[0])
+    later = starts[starts >= cut]
+    if not len(later) or later[0] == 0:
+        raise InputError(f"{len(starts)} examples do not split into training and validation at val_fraction="
+                         f"{val_fraction}; give more examples or change val_fraction")
+    cut = int(later[0])
+    (out / "data").mkdir(parents=True, exist_ok=True)
+    for name, part in (("train", slice(None, cut)), ("val", slice(cut, None))):
+        np.save(out / "data" / f"{name}.npy", tokens[part])
+        np.save(out / "data" / f"{name}_loss_mask.npy", mask[part])
 
 
 def shard_source(data: tuple[str, ...]) -> str | None:
@@ -143,18 +214,25 @@ def open_splits(run, out: Path) -> tuple["Windows", "Windows"]:
         train, val = shard_splits(spec)
         return ShardWindows(train, run.seq_len, "the training shards"), ShardWindows(val, run.seq_len,
                                                                                      "the validation shards")
-    train, val = (np.load(out / "data" / f"{name}.npy", mmap_mode="r") for name in ("train", "val"))
-    return Windows(train, run.seq_len, "the training split"), Windows(val, run.seq_len, "the validation split")
+    def windows(name: str) -> Windows:
+        mask = out / "data" / f"{name}_loss_mask.npy"
+        return Windows(np.load(out / "data" / f"{name}.npy", mmap_mode="r"), run.seq_len,
+                       f"the {'training' if name == 'train' else 'validation'} split",
+                       np.load(mask, mmap_mode="r") if mask.is_file() else None)
+    return windows("train"), windows("val")
 
 
 class Windows:
     """Non-overlapping windows of ``seq_len + 1`` tokens over a token stream.
 
-    tokens: int32[n]. ``len(self)`` = number of whole windows = ``(n - 1) // seq_len``.
+    tokens: int32[n]; loss_mask: optional bool[n], which tokens count as targets (completion-only
+    data; then windows come as ``{"tokens", "loss_mask"}``). ``len(self)`` = number of whole
+    windows = ``(n - 1) // seq_len``.
     """
 
-    def __init__(self, tokens: np.ndarray, seq_len: int, what: str = "data"):
+    def __init__(self, tokens: np.ndarray, seq_len: int, what: str = "data", loss_mask: np.ndarray | None = None):
         self.tokens, self.seq_len = np.asarray(tokens, np.int32), seq_len
+        self.loss_mask = None if loss_mask is None else np.asarray(loss_mask, bool)
         self.n = (len(tokens) - 1) // seq_len
         if self.n < 1:
             raise InputError(f"{what}: {len(tokens)} tokens make no window of seq_len + 1 = {seq_len + 1} tokens; "
@@ -163,9 +241,13 @@ class Windows:
     def __len__(self) -> int:
         return self.n
 
-    def take(self, idx: np.ndarray) -> np.ndarray:
-        """int32[*idx.shape, seq_len + 1] for window indices ``idx``."""
-        return self.tokens[idx[..., None] * self.seq_len + np.arange(self.seq_len + 1)]
+    def take(self, idx: np.ndarray):
+        """int32[*idx.shape, seq_len + 1] for window indices ``idx``; with a loss mask
+        ``{"tokens": that, "loss_mask": bool[*idx.shape, seq_len]}`` (the mask of ``tokens[..., 1:]``)."""
+        positions = idx[..., None] * self.seq_len + np.arange(self.seq_len + 1)
+        if self.loss_mask is None:
+            return self.tokens[positions]
+        return {"tokens": self.tokens[positions], "loss_mask": self.loss_mask[positions[..., 1:]]}
 
     def sample_order(self, seed: int, start: int, count: int) -> np.ndarray:
         """Window indices of run samples ``start .. start + count - 1`` (see the module docstring)."""
@@ -179,7 +261,7 @@ class Windows:
         return out
 
     def train_batch(self, seed: int, step: int, grad_accum: int, batch_size: int) -> np.ndarray:
-        """The global batch of ``step``: int32[grad_accum, batch_size, seq_len + 1]."""
+        """The global batch of ``step``: int32[grad_accum, batch_size, seq_len + 1] (see :meth:`take`)."""
         g = grad_accum * batch_size
         return self.take(self.sample_order(seed, step * g, g).reshape(grad_accum, batch_size))
 

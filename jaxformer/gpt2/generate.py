@@ -29,10 +29,11 @@ def pow2_bucket(n: int, minimum: int = MIN_BUCKET) -> int:
 
 @functools.partial(jax.jit, static_argnames=("config", "max_new", "greedy", "eos_id"))
 def _generate(variables, tokens, prompt_valid, row_keys, limit, temperature, top_k, top_p, *,
-              config: GPT2Config, max_new: int, greedy: bool, eos_id: int | None):
+              config: GPT2Config, max_new: int, greedy: bool, eos_id: int | None, lora=None):
     """Prefill + decode loop. Static: config, max_new (output buffer), greedy, eos_id.
 
     variables: ``{"params"}``, and ``"interventions"`` when generating with edits (traced).
+    lora: the model's ``lora`` argument (adapters, traced) or None.
     tokens, prompt_valid: [b, t] left-padded prompts and their mask; row_keys: [b] PRNG keys;
     limit: int32[b] new tokens allowed per row. Returns (int32[b, max_new], int32[b] lengths).
     """
@@ -42,16 +43,16 @@ def _generate(variables, tokens, prompt_valid, row_keys, limit, temperature, top
     positions = jnp.maximum(jnp.cumsum(prompt_valid, axis=1) - 1, 0)
     cache = KVCache.zeros(b, t + max_new, config.n_head, config.head_dim, config.compute_dtype, config.n_layer)
     logits, cache = model.apply(variables, tokens, positions=positions, key_valid=key_valid,
-                                cache=cache, index=0, last_only=True)
+                                cache=cache, index=0, last_only=True, lora=lora)
     next_pos = positions[:, -1] + 1
 
     def step(tok, state):
         cache, i = state
         # Tied to the loop counter, low-precision weights stay loop-variant: otherwise XLA hoists
         # their conversion to float32 out of the loop and every step reads the float32 copy.
-        step_vars, _ = jax.lax.optimization_barrier((variables, i))
+        (step_vars, step_lora), _ = jax.lax.optimization_barrier(((variables, lora), i))
         logits, cache = model.apply(step_vars, tok[:, None], positions=(next_pos + i)[:, None],
-                                    key_valid=key_valid, cache=cache, index=t + i, last_only=True)
+                                    key_valid=key_valid, cache=cache, index=t + i, last_only=True, lora=step_lora)
         return logits[:, 0], (cache, i + 1)
 
     pick = greedy_or_sample(greedy, temperature, top_k, top_p)
@@ -86,14 +87,16 @@ def validate(config: GPT2Config, prompts, max_new_tokens, greedy, temperature, t
 
 def generate(params, config: GPT2Config, prompts: list[list[int]], *, max_new_tokens: int = 32,
              greedy: bool = False, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-             seed: int = 0, stop_at_eos: bool = True, edits: dict | None = None) -> list[list[int]]:
+             seed: int = 0, stop_at_eos: bool = True, edits: dict | None = None,
+             lora: dict | None = None) -> list[list[int]]:
     """New tokens for each prompt (token ids), up to and including EOS when ``stop_at_eos``.
 
     Greedy when ``greedy``, else sampling with temperature, top-k (0 = off) and top-p (1 = off),
     combinable. Row ``i`` draws from ``fold_in(key(seed), i)``, so its samples do not depend on the
     other prompts in the batch. ``edits``: interventions applied at every step, prefill and
     decoding (:mod:`jaxformer.nn.taps`: an ablated head, a steering vector; edits must broadcast over
-    the batch and time, e.g. ``[L, D]`` or ``[L, H, 1]`` per layer).
+    the batch and time, e.g. ``[L, D]`` or ``[L, H, 1]`` per layer). ``lora``: adapters applied
+    on top of ``params`` without merging them, as :func:`jaxformer.gpt2.lora.model_input` gives them.
     """
     validate(config, prompts, max_new_tokens, greedy, temperature, top_k, top_p)
     n = len(prompts)
@@ -109,6 +112,6 @@ def generate(params, config: GPT2Config, prompts: list[list[int]], *, max_new_to
     variables = taps.with_edits(GPT2(config), params, edits, tokens[:1, :1])
     out, lengths = _generate(variables, tokens, valid, row_keys, limit, jnp.float32(temperature),
                              jnp.int32(top_k), jnp.float32(top_p), config=config, max_new=new,
-                             greedy=greedy, eos_id=config.eos_token_id if stop_at_eos else None)
+                             greedy=greedy, eos_id=config.eos_token_id if stop_at_eos else None, lora=lora)
     out, lengths = np.asarray(out), np.asarray(lengths)
     return [out[i, : lengths[i]].tolist() for i in range(n)]

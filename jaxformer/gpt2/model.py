@@ -17,6 +17,12 @@ Taps (:mod:`jaxformer.nn.taps`; captured and edited by name, layers stacked, sha
     h/resid_pre, h/resid_mid, h/resid_post, h/attn_out, h/mlp_out [b, t, D]    h/mlp/post [b, t, F]
     h/attn/q, h/attn/k, h/attn/v, h/attn/z [b, t, H, d]   h/attn/pattern [b, H, t, kv_len]
 
+LoRA adapters (:mod:`jaxformer.gpt2.lora`) enter as the ``lora`` argument, a tree shaped like the
+params' (layers stacked the same way) holding ``{"lora_a" [in, r], "lora_b" [r, out]}`` for each
+adapted projection, e.g. ``{"h": {"attn": {"c_attn": {...}}}}``: the projection of x becomes
+``dense(x) + dropout(x) @ lora_a @ lora_b`` (``lora_b`` already multiplied by the adapter's
+scaling). The params stay as they are, so a frozen base is shared by any number of adapters.
+
 ``z`` is the attention output per head (the input of ``c_proj``, split by head); ``pattern`` the
 probabilities after softmax, before dropout. Hugging Face's ``hidden_states[i]`` is
 ``h/resid_pre[i]`` for ``i < L`` and ``ln_final`` for ``i = L``; ``attentions[i]`` is
@@ -45,6 +51,22 @@ def _dense(config: GPT2Config, features: int, name: str, std: float | None = Non
     )
 
 
+def _adapted(module: nn.Module, dense: nn.Module, x, lora: dict | None, name: str):
+    """``dense(x)``, plus ``dropout(x) @ lora_a @ lora_b`` when ``lora`` holds an adapter for ``name``.
+
+    x: [..., in]; lora[name]: {"lora_a": [in, r], "lora_b": [r, out]} (scaled). The update runs in
+    the compute dtype; its dropout (``module.lora_dropout``, training only) is named so that the
+    other dropout masks do not change with it."""
+    y = dense(x)
+    if not lora or name not in lora:
+        return y
+    if module.lora_dropout > 0:
+        x = nn.Dropout(module.lora_dropout, name=f"{name}_lora_dropout")(x, deterministic=module.deterministic)
+    dtype = module.config.compute_dtype
+    a, b = (lora[name][k].astype(dtype) for k in ("lora_a", "lora_b"))
+    return y + ((x.astype(dtype) @ a) @ b).astype(y.dtype)
+
+
 def _layer_norm(config: GPT2Config, name: str):
     return nn.LayerNorm(epsilon=config.layer_norm_epsilon, dtype=config.compute_dtype,
                         param_dtype=jnp.dtype(config.param_dtype), name=name)
@@ -53,15 +75,16 @@ def _layer_norm(config: GPT2Config, name: str):
 class CausalSelfAttention(nn.Module):
     config: GPT2Config
     deterministic: bool = True
+    lora_dropout: float = 0.0
 
     @nn.compact
-    def __call__(self, x, mask, layer_idx, cache: KVCache | None, index):
+    def __call__(self, x, mask, layer_idx, cache: KVCache | None, index, lora=None):
         """x: [b, t, D]; mask: bool[b, 1, t, kv_len], or None for plain causal attention without a
-        cache; cache: stacked over layers, this layer's slots are written at ``index``. Returns
-        ([b, t, D], updated cache)."""
+        cache; cache: stacked over layers, this layer's slots are written at ``index``; lora: this
+        module's adapters (``c_attn``, ``c_proj``) or None. Returns ([b, t, D], updated cache)."""
         config = self.config
         b, t, _ = x.shape
-        qkv = _dense(config, 3 * config.n_embd, "c_attn")(x)
+        qkv = _adapted(self, _dense(config, 3 * config.n_embd, "c_attn"), x, lora, "c_attn")
         q, k, v = (tap(self, n, a.reshape(b, t, config.n_head, config.head_dim))
                    for n, a in zip("qkv", jnp.split(qkv, 3, axis=-1)))
         # Training and a prefill from slot 0 attend over their own keys; decoding steps over the cache.
@@ -83,24 +106,28 @@ class CausalSelfAttention(nn.Module):
                                   dropout_fn=dropout, probs_fn=probs_fn, heads_major=not fresh)
         y = tap(self, "z", y)
         std = config.initializer_range / math.sqrt(2 * config.n_layer)
-        y = _dense(config, config.n_embd, "c_proj", std)(y.reshape(b, t, config.n_embd))
+        y = _adapted(self, _dense(config, config.n_embd, "c_proj", std), y.reshape(b, t, config.n_embd), lora, "c_proj")
         return nn.Dropout(config.resid_pdrop)(y, deterministic=self.deterministic), cache
 
 
 class MLP(nn.Module):
     config: GPT2Config
     deterministic: bool = True
+    lora_dropout: float = 0.0
 
     @nn.compact
-    def __call__(self, x):
+    def __call__(self, x, lora=None):
         config = self.config
-        h = tap(self, "post", activation(config.activation_function)(_dense(config, config.inner_dim, "c_fc")(x)))
-        y = _dense(config, config.n_embd, "c_proj", config.initializer_range / math.sqrt(2 * config.n_layer))(h)
+        h = _adapted(self, _dense(config, config.inner_dim, "c_fc"), x, lora, "c_fc")
+        h = tap(self, "post", activation(config.activation_function)(h))
+        std = config.initializer_range / math.sqrt(2 * config.n_layer)
+        y = _adapted(self, _dense(config, config.n_embd, "c_proj", std), h, lora, "c_proj")
         return nn.Dropout(config.resid_pdrop)(y, deterministic=self.deterministic)
 
 
 class Block(nn.Module):
-    """Pre-LN transformer block as a scan body: ``((x, cache), layer_idx) -> ((x, cache), None)``.
+    """Pre-LN transformer block as a scan body: ``((x, cache), layer_idx, lora) -> ((x, cache), None)``
+    (``lora``: this layer's adapters, or None).
 
     The whole stacked cache rides in the carry and each layer writes only its new slots, so a decode
     loop updates the cache in place instead of copying it once per layer.
@@ -108,29 +135,33 @@ class Block(nn.Module):
 
     config: GPT2Config
     deterministic: bool = True
+    lora_dropout: float = 0.0
 
     @nn.compact
-    def __call__(self, carry, layer_idx, mask, index):
-        config, det = self.config, self.deterministic
+    def __call__(self, carry, layer_idx, lora, mask, index):
+        config, det, p = self.config, self.deterministic, self.lora_dropout
         x, cache = carry
+        lora = lora or {}
         x = tap(self, "resid_pre", x)
         h = _layer_norm(config, "ln_1")(x)
-        y, cache = CausalSelfAttention(config, det, name="attn")(h, mask, layer_idx, cache, index)
+        y, cache = CausalSelfAttention(config, det, p, name="attn")(h, mask, layer_idx, cache, index, lora.get("attn"))
         x = tap(self, "resid_mid", x + tap(self, "attn_out", y))
-        y = MLP(config, det, name="mlp")(_layer_norm(config, "ln_2")(x))
+        y = MLP(config, det, p, name="mlp")(_layer_norm(config, "ln_2")(x), lora.get("mlp"))
         x = tap(self, "resid_post", x + tap(self, "mlp_out", y))
         return (x, cache), None
 
 
 class GPT2(nn.Module):
-    """GPT-2 language model (``GPT2LMHeadModel``)."""
+    """GPT-2 language model (``GPT2LMHeadModel``); ``lora_dropout``: dropout on the inputs of LoRA
+    adapters while training."""
 
     config: GPT2Config
     deterministic: bool = True
+    lora_dropout: float = 0.0
 
     @nn.compact
     def __call__(self, tokens, positions=None, key_valid=None, cache: KVCache | None = None, index=0,
-                 last_only: bool = False, at=None):
+                 last_only: bool = False, at=None, lora=None):
         """Logits (float32) and the updated cache.
 
         tokens: int32[b, t]. positions: int32[b, t], default ``index + arange(t)``.
@@ -141,6 +172,7 @@ class GPT2(nn.Module):
         last_only: return logits for the last position only ([b, 1, V]), as generation needs.
         at: int32[b]: return logits for position ``at[i]`` of row i only ([b, 1, V]; e.g. the last
           token of a right-padded prompt).
+        lora: LoRA adapters (see the module docstring), or None.
         Returns (float32[b, t or 1, V], cache or None).
         """
         config = self.config
@@ -162,17 +194,7 @@ class GPT2(nn.Module):
         x = tap(self, "embed", wte(tokens)) + tap(self, "pos_embed", emb(config.n_positions, "wpe")(positions))
         x = nn.Dropout(config.embd_pdrop)(x, deterministic=self.deterministic)
 
-        block = nn.remat(Block, prevent_cse=not config.scan_layers) if config.remat else Block
-        if config.scan_layers:
-            blocks = nn.scan(
-                block, variable_axes={"params": 0, CAPTURE: 0, EDITS: 0}, split_rngs={"params": True, "dropout": True},
-                in_axes=(0, nn.broadcast, nn.broadcast), length=config.n_layer,
-            )(config, self.deterministic, name="h")
-            (x, cache), _ = blocks((x, cache), jnp.arange(config.n_layer), mask, index)
-        else:
-            for i in range(config.n_layer):
-                (x, cache), _ = block(config, self.deterministic, name=f"h_{i}")((x, cache), i, mask, index)
-
+        x, cache = self._blocks(x, cache, lora or {}, mask, index)
         if at is not None:
             x = jnp.take_along_axis(x, at[:, None, None], axis=1)
         elif last_only:
@@ -189,6 +211,22 @@ class GPT2(nn.Module):
                                     (config.n_embd, config.vocab_size), jnp.dtype(config.param_dtype)), "btd,dv->btv"
         logits = jnp.einsum(spec, x, head.astype(config.compute_dtype), preferred_element_type=jnp.float32)
         return logits, cache
+
+
+    def _blocks(self, x, cache, lora: dict, mask, index):
+        """The layers, one ``nn.scan`` over stacked params or ``h_0 .. h_{L-1}``: (x, cache)."""
+        config, det = self.config, self.deterministic
+        block = nn.remat(Block, prevent_cse=not config.scan_layers) if config.remat else Block
+        if config.scan_layers:
+            blocks = nn.scan(
+                block, variable_axes={"params": 0, CAPTURE: 0, EDITS: 0}, split_rngs={"params": True, "dropout": True},
+                in_axes=(0, 0, nn.broadcast, nn.broadcast), length=config.n_layer,
+            )(config, det, self.lora_dropout, name="h")
+            return blocks((x, cache), jnp.arange(config.n_layer), lora.get("h"), mask, index)[0]
+        for i in range(config.n_layer):
+            layer = block(config, det, self.lora_dropout, name=f"h_{i}")
+            (x, cache), _ = layer((x, cache), i, lora.get(f"h_{i}"), mask, index)
+        return x, cache
 
 
 def unstack_layer_params(params, n_layer: int):

@@ -3,7 +3,8 @@
 A jaxformer checkpoint directory holds ``config.json`` (:class:`GPT2Config`), ``params/`` (Orbax,
 sealed) and the tokenizer files. :func:`load_pretrained` also takes a GPT-2 training run directory
 (``jaxformer/commands/train_gpt2.py --out``: its best params, else its newest intact checkpoint's), a Hugging
-Face directory or a hub id (converted on the fly).
+Face directory or a hub id (converted on the fly). A LoRA run holds an adapter only: it loads as its
+base (the run's ``init``) with the adapter merged in (:func:`jaxformer.gpt2.lora.merge`).
 """
 
 from pathlib import Path
@@ -12,7 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxformer.train.checkpoints import load_run_params, restore_pytree, save_pytree
-from jaxformer.gpt2 import hf
+from jaxformer.gpt2 import hf, lora, peft
 from jaxformer.gpt2.config import GPT2Config
 from jaxformer.gpt2.model import init_params, stack_layer_params, unstack_layer_params
 from jaxformer.gpt2.quantize import to_decoding, to_float
@@ -62,7 +63,20 @@ def load_pretrained(src: str | Path, weights: str | None = None,
     return config, params, tokenizer
 
 
+def load_config(src: str | Path, **config_overrides) -> tuple[GPT2Config, GPT2Tokenizer | None]:
+    """(config, tokenizer or None) of what :func:`load_pretrained` would load, without its weights."""
+    if is_jaxformer_checkpoint(src) or is_training_run(src):
+        path = Path(src)
+        config = GPT2Config.load(path / "config.json").replace(**config_overrides)
+    else:
+        path = hf.resolve(src)
+        config = GPT2Config.from_hf_dict(hf.read_hf_config(path), str(path / "config.json"), **config_overrides)
+    return config, GPT2Tokenizer.from_dir(path) if has_tokenizer(path) else None
+
+
 def _load(src, **config_overrides):
+    if is_training_run(src) and peft.run_spec(src) is not None:
+        return _load_lora_run(Path(src), **config_overrides)
     if is_jaxformer_checkpoint(src) or is_training_run(src):
         path = Path(src)
         config = GPT2Config.load(path / "config.json").replace(**config_overrides)
@@ -80,3 +94,15 @@ def _load(src, **config_overrides):
         params = jax.tree.map(jnp.asarray, params)
     tokenizer = GPT2Tokenizer.from_dir(path) if has_tokenizer(path) else None
     return config, params, tokenizer
+
+
+def _load_lora_run(path: Path, **config_overrides):
+    """A LoRA run as its base with the adapter merged in (float weights)."""
+    base_config, base, _ = load_pretrained(peft.run_base(path), weights="float", scan_layers=True)
+    spec, adapter = peft.load_adapter(path, base_config)
+    params, _ = lora.merge(base, base_config, adapter, spec)
+    config = GPT2Config.load(path / "config.json").replace(weights="float", **config_overrides)
+    params = jax.tree.map(lambda x: jnp.asarray(x, config.param_dtype), params)
+    if not config.scan_layers:
+        params = unstack_layer_params(params, config.n_layer)
+    return config, params, GPT2Tokenizer.from_dir(path) if has_tokenizer(path) else None

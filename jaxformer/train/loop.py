@@ -205,6 +205,7 @@ def set_up(task_cls: type[Task], out: Path, run_fields: dict, model_overrides: d
     barrier("jaxformer-out")
     pretrained = None if resume else task_cls.prepare(run, out, model_overrides)
     task = task_cls(run, out, sh.batch_size_divisor(device_mesh))
+    run = task.run  # as the task completed it
     if not resume and run.schedule == "cosine" and run.schedule_steps is None:
         run = run.replace(schedule_steps=run.length(task.steps_per_epoch))  # fixed once: resumes keep the horizon
     if jax.process_index() == 0:
@@ -220,6 +221,8 @@ def set_up(task_cls: type[Task], out: Path, run_fields: dict, model_overrides: d
 
     checkpoints = Checkpoints(out, run.keep)
     state, state_sh = init_state(create, jax.random.PRNGKey(run.seed), device_mesh, pretrained, checkpoints)
+    # A frozen base is placed once, split like params, and passed to the steps (never donated).
+    frozen = None if task.frozen is None else sh.put_global(task.frozen, sh.state_shardings(device_mesh, task.frozen))
     batch_sh = sh.batch_sharding(device_mesh, batch_dim=int(task.grad_accum > 1))
     eval_sh = sh.batch_sharding(device_mesh, batch_dim=0)
     peak = math.nan
@@ -229,15 +232,16 @@ def set_up(task_cls: type[Task], out: Path, run_fields: dict, model_overrides: d
     setup = Setup(
         run=run, task=task, out=out, mesh=device_mesh,
         train_step=make_train_step(task.loss_fn(False), optimizer, grad_accum=task.grad_accum,
-                                   state_shardings=state_sh, batch_sharding=batch_sh),
-        eval_step=make_eval_step(task.loss_fn(True), state_sh.params, eval_sh),
+                                   state_shardings=state_sh, batch_sharding=batch_sh, frozen=frozen),
+        eval_step=make_eval_step(task.loss_fn(True), state_sh.params, eval_sh, frozen=frozen),
         batch_sharding=batch_sh, eval_sharding=eval_sh, checkpoints=checkpoints,
         metrics=MetricsLog(metrics_path or out / "metrics.jsonl", step if resume else None),
         schedule=schedule, total=total, peak_flops=peak, t0=t0,
         bar=tqdm(total=total, initial=step, unit="step", dynamic_ncols=True,
                  disable=not progress or jax.process_index() != 0))
+    trainable = "trainable params (the rest frozen)" if frozen is not None else "params"
     print0(f"{task.name}: {'resuming at' if resume else 'starting at'} step {step}{f' of {total}' if total else ''}; "
-           f"{sum(x.size for x in jax.tree.leaves(state.params)):,} params; mesh {dict(device_mesh.shape)} on "
+           f"{sum(x.size for x in jax.tree.leaves(state.params)):,} {trainable}; mesh {dict(device_mesh.shape)} on "
            f"{device_mesh.devices.size} {device_mesh.devices.flat[0].device_kind} device(s), "
            f"{jax.process_count()} process(es); {task.describe()}")
     return setup, state

@@ -40,10 +40,14 @@ def warmup_cosine(peak: float, warmup_steps: int, total_steps: int, end_ratio: f
                                               end_value=end_ratio * peak)
 
 
+DECAYED = ("kernel", "lm_head", "lora_a", "lora_b")
+
+
 def decay_mask(params):
-    """True where weight decay applies: Dense kernels and an untied ``lm_head``; not biases,
-    LayerNorm scales/biases or embeddings. Names decide, since stacked layers make biases 2-D."""
-    return jax.tree_util.tree_map_with_path(lambda path, _: path[-1].key in ("kernel", "lm_head"), params)
+    """True where weight decay applies: Dense kernels, an untied ``lm_head`` and LoRA matrices (as
+    PEFT under the transformers Trainer decays them); not biases, LayerNorm scales/biases or
+    embeddings. Names decide, since stacked layers make biases 2-D."""
+    return jax.tree_util.tree_map_with_path(lambda path, _: path[-1].key in DECAYED, params)
 
 
 def make_optimizer(run: RunConfig, schedule) -> optax.GradientTransformation:

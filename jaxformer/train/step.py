@@ -4,7 +4,9 @@ is :mod:`jaxformer.train.loop`.
 
 A model plugs in through one function, ``loss_fn(params, batch, key) -> (loss summed over tokens,
 (number of tokens, dict of other sums))`` (``key`` is None for evaluation); the steps divide by the
-token count, so a batch's gradient is that of its per-token mean however it is split.
+token count, so a batch's gradient is that of its per-token mean however it is split. A run that
+trains an adapter on a frozen model (LoRA) passes the frozen params as ``frozen``: then the loss is
+``loss_fn(params, batch, key, frozen)`` and only ``params`` (the adapter) are trained.
 """
 
 import math
@@ -53,7 +55,7 @@ def init_state(create: Callable, key, mesh, params=None, checkpoints=None) -> tu
 
 
 def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *, grad_accum: int = 1,
-                    state_shardings=None, batch_sharding=None):
+                    state_shardings=None, batch_sharding=None, frozen=None):
     """A jitted ``train_step(state, batch) -> (state, metrics)``.
 
     batch: a pytree of arrays; with ``grad_accum > 1`` each leaf has a leading axis of that many
@@ -67,28 +69,33 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
     here); nothing else is, so the step compiles once per distinct batch shape.
     metrics: ``loss`` (per token), ``tokens``, ``grad_norm`` (before clipping), and loss_fn's other
     sums divided by the tokens.
+    frozen: arrays the loss reads and training leaves as they are (a LoRA run's base), placed
+    where they stay; then ``loss_fn(params, batch, key, frozen)``. They are an argument of the
+    jitted step, neither donated nor differentiated (closed over, they would be compiled in as
+    constants), and the returned step binds them: it is still ``train_step(state, batch)``.
     """
     if (state_shardings is None) != (batch_sharding is None):
         raise ValueError("give both state_shardings and batch_sharding, or neither")
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    extra = () if frozen is None else (frozen,)
     param_shardings = None if state_shardings is None else state_shardings.params
 
     def constrain(grads):
         return grads if param_shardings is None else jax.lax.with_sharding_constraint(grads, param_shardings)
 
-    def train_step(state: TrainState, batch):
+    def train_step(state: TrainState, batch, *frozen_args):
         key = jax.random.fold_in(state.key, state.step)
         if grad_accum == 1:
-            (total, (n, aux)), grads = grad_fn(state.params, batch, key)
+            (total, (n, aux)), grads = grad_fn(state.params, batch, key, *frozen_args)
             grads = constrain(grads)
         else:
             def micro(carry, xs):
                 i, micro_batch = xs
-                (total, (n, aux)), grads = grad_fn(state.params, micro_batch, jax.random.fold_in(key, i))
+                (total, (n, aux)), grads = grad_fn(state.params, micro_batch, jax.random.fold_in(key, i), *frozen_args)
                 return jax.tree.map(jnp.add, carry, (total, n, aux, constrain(grads))), None
 
             first = jax.tree.map(lambda x: x[0], batch)
-            (total, (n, aux)), grads = jax.eval_shape(grad_fn, state.params, first, key)
+            (total, (n, aux)), grads = jax.eval_shape(grad_fn, state.params, first, key, *frozen_args)
             zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), (total, n, aux, grads))
             (total, n, aux, grads), _ = jax.lax.scan(micro, zeros, (jnp.arange(grad_accum), batch))
         n = jnp.maximum(n, 1.0)
@@ -100,24 +107,42 @@ def make_train_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, *,
         return TrainState(state.step + 1, params, opt_state, state.key), metrics
 
     if state_shardings is None:
-        return jax.jit(train_step, donate_argnums=0)
-    return jax.jit(train_step, in_shardings=(state_shardings, batch_sharding),
-                   out_shardings=(state_shardings, sh.replicated(batch_sharding.mesh)), donate_argnums=0)
+        return _bind(jax.jit(train_step, donate_argnums=0), extra)
+    return _bind(jax.jit(train_step, in_shardings=(state_shardings, batch_sharding, *_placement(extra)),
+                         out_shardings=(state_shardings, sh.replicated(batch_sharding.mesh)), donate_argnums=0),
+                 extra)
 
 
-def make_eval_step(loss_fn: LossFn, param_shardings=None, batch_sharding=None):
+def make_eval_step(loss_fn: LossFn, param_shardings=None, batch_sharding=None, frozen=None):
     """Jitted ``eval_step(params, batch) -> (loss sum, tokens, dict of other sums)`` with
-    ``key=None`` (no dropout); shardings as in :func:`make_train_step`. Nothing is static."""
-    def eval_step(params, batch):
-        total, (n, aux) = loss_fn(params, batch, None)
+    ``key=None`` (no dropout); shardings and ``frozen`` as in :func:`make_train_step`. Nothing is
+    static."""
+    def eval_step(params, batch, *frozen_args):
+        total, (n, aux) = loss_fn(params, batch, None, *frozen_args)
         return total, n, aux
 
     if (param_shardings is None) != (batch_sharding is None):
         raise ValueError("give both param_shardings and batch_sharding, or neither")
+    extra = () if frozen is None else (frozen,)
     if param_shardings is None:
-        return jax.jit(eval_step)
-    return jax.jit(eval_step, in_shardings=(param_shardings, batch_sharding),
-                   out_shardings=sh.replicated(batch_sharding.mesh))
+        return _bind(jax.jit(eval_step), extra)
+    return _bind(jax.jit(eval_step, in_shardings=(param_shardings, batch_sharding, *_placement(extra)),
+                         out_shardings=sh.replicated(batch_sharding.mesh)), extra)
+
+
+def _placement(extra: tuple) -> tuple:
+    """The shardings of the frozen arrays, where they already are."""
+    return tuple(jax.tree.map(lambda x: x.sharding, e) for e in extra)
+
+
+def _bind(step: Callable, extra: tuple) -> Callable:
+    """``step`` itself, or with the frozen arrays bound as its last argument."""
+    if not extra:
+        return step
+
+    def bound(params_or_state, batch):
+        return step(params_or_state, batch, *extra)
+    return bound
 
 
 class NonFiniteLoss(RuntimeError):

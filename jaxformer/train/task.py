@@ -36,6 +36,9 @@ class Task:
     grad_accum: int = 1  # > 1: batches carry a leading micro-batch axis
     flops_per_token: float | None = None  # training FLOPs per token, for MFU
     d_model: int | None = None  # model width, for the noam schedule
+    # Host arrays the loss reads and training never changes (a LoRA run's frozen base), or None;
+    # the loop places them on the mesh and passes them to loss_fn as a fourth argument.
+    frozen: Any = None
 
     @classmethod
     def run_defaults(cls, preset: str | None = None) -> dict:
@@ -56,7 +59,9 @@ class Task:
 
     def __init__(self, run: RunConfig, out: Path, batch_shards: int = 1):
         """The task of the run in ``out`` (its files written by :meth:`prepare`), on every process.
-        Batches must have a multiple of ``batch_shards`` rows (the mesh's batch shards)."""
+        Batches must have a multiple of ``batch_shards`` rows (the mesh's batch shards). The task
+        may complete the run config (``self.run``, saved as ``run.json``), e.g. with settings read
+        from its inputs."""
         self.run, self.out, self.batch_shards = run, out, batch_shards
         self.config = self.model_config.load(out / "config.json")
 
@@ -65,7 +70,8 @@ class Task:
         raise NotImplementedError
 
     def loss_fn(self, deterministic: bool) -> LossFn:
-        """``loss_fn(params, batch, key) -> (loss sum, (tokens, {other sums}))``."""
+        """``loss_fn(params, batch, key) -> (loss sum, (tokens, {other sums}))``; with ``frozen``,
+        ``loss_fn(params, batch, key, frozen)``."""
         raise NotImplementedError
 
     def batch(self, step: int):
