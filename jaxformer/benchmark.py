@@ -128,15 +128,17 @@ def stream_completion(host: str, port: int, body: dict, timeout: float) -> dict:
                 error=error)
 
 
-def closed_loop(host: str, port: int, fields: dict, prompts: list[str], streams: int,
+def closed_loop(host: str, port: int, fields: dict | list[dict], prompts: list[str], streams: int,
                 timeout: float) -> tuple[list[dict], float]:
     """(a :func:`stream_completion` result per prompt, wall seconds) of ``streams`` clients in a closed
-    loop over ``prompts``: client i sends prompts i, i + streams, ..., each after the previous one ended."""
+    loop over ``prompts``: client i sends prompts i, i + streams, ..., each after the previous one ended,
+    with the request ``fields`` (a list: client i's are ``fields[i % len(fields)]``, e.g. its model)."""
     results, lock = [], threading.Lock()
+    per_client = fields if isinstance(fields, list) else [fields]
 
     def client(i):
         for prompt in prompts[i::streams]:
-            r = stream_completion(host, port, {**fields, "prompt": prompt}, timeout)
+            r = stream_completion(host, port, {**per_client[i % len(per_client)], "prompt": prompt}, timeout)
             with lock:
                 results.append(r)
 

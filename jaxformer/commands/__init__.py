@@ -10,9 +10,9 @@ import sys
 
 # verb -> (module, what it does)
 COMMANDS = {
-    "convert": ("convert", "convert GPT-2 checkpoints: Hugging Face <-> jaxformer, bf16/int8 weights"),
-    "generate": ("generate", "generate text with GPT-2 (greedy, temperature, top-k, top-p)"),
-    "train gpt2": ("train_gpt2", "pretrain or fine-tune GPT-2 on text files"),
+    "convert": ("convert", "convert GPT-2 checkpoints: Hugging Face <-> jaxformer, bf16/int8, LoRA runs to PEFT"),
+    "generate": ("generate", "generate text with GPT-2 (greedy, temperature, top-k, top-p; --lora adapters)"),
+    "train gpt2": ("train_gpt2", "pretrain or fine-tune GPT-2 (all weights or LoRA) on text or token shards"),
     "train translator": ("train_translator", "train the English->French translator"),
     "translate": ("translate", "translate English sentences to French"),
     "eval translator": ("eval_translator", "BLEU and chrF of the translator on a test set (sacrebleu)"),
@@ -20,7 +20,7 @@ COMMANDS = {
     "eval hellaswag": ("eval_hellaswag", "HellaSwag accuracy (acc, acc_norm) of a GPT-2, scored as llm.c does"),
     "eval lm-eval": ("eval_lm_eval", "run EleutherAI's lm-eval harness tasks on a GPT-2"),
     "prepare": ("prepare", "tokenize text corpora into llm.c-format token shards for pretraining"),
-    "serve": ("serve", "serve GPT-2 (OpenAI completions API) and the translator over HTTP"),
+    "serve": ("serve", "serve GPT-2 and LoRA adapters on it (OpenAI completions API) and the translator over HTTP"),
     "capture": ("capture", "capture GPT-2's hidden states, attentions and logits to .npz"),
     "attention-map": ("attention_map", "attention heatmaps and the logit lens as PNG files"),
     "induction-heads": ("induction_heads", "score GPT-2's heads for induction on repeated random tokens"),

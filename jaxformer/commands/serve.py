@@ -1,13 +1,17 @@
 """Serve GPT-2 and/or the translator over HTTP: OpenAI's completions API, translations, a web page.
 
     jaxformer serve --gpt2 runs/shakespeare --translator runs/tr --port 8000
+    jaxformer serve --gpt2 gpt2 --lora french=runs/fr-lora --lora sql=adapters/sql
     curl -s localhost:8000/v1/completions -H 'Content-Type: application/json' \\
         -d '{"model": "shakespeare", "prompt": "To be", "max_tokens": 20, "temperature": 0}'
 
 MODEL as generate.py (--gpt2: a jaxformer checkpoint or run, a Hugging Face directory or hub id)
 and translate.py (--translator: a training run) take it; its name in requests and /v1/models is
-the directory's base name. GPT-2 requests are continuously batched over --slots decoding slots;
-up to --max-queue more sequences wait, beyond that requests get 429 with Retry-After. All shapes
+the directory's base name. --lora NAME=ADAPTER (a PEFT directory or a jaxformer LoRA run for the
+--gpt2 base; repeatable) serves the base with that adapter as the model NAME, unmerged: requests
+for every adapter and for the base are batched together in the same decoding steps. GPT-2
+requests are continuously batched over --slots decoding slots; up to --max-queue more sequences
+wait, beyond that requests get 429 with Retry-After. All shapes
 (GPT-2's, and the translator's for beam sizes 1 to --max-beam) are compiled before the server
 starts listening, into a persistent compilation cache (--compile-cache) that makes the next start
 fast; /health counts compilations and /metrics gives Prometheus metrics.
@@ -32,6 +36,8 @@ KEY_ENV = "JAXFORMER_API_KEY"
 def main(argv=None) -> int:
     ap = cli.parser(__doc__, "jaxformer serve")
     ap.add_argument("--gpt2", help="GPT-2 model to serve for /v1/completions")
+    ap.add_argument("--lora", action="append", default=[], metavar="NAME=ADAPTER",
+                    help="serve a LoRA adapter on the --gpt2 base as model NAME (repeatable)")
     ap.add_argument("--translator", help="translator run directory to serve for /v1/translations")
     ap.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     ap.add_argument("--port", type=cli.at_least(1), default=8000)
@@ -55,6 +61,8 @@ def main(argv=None) -> int:
                     help="JSON-lines access log: a file, - for stderr (default), none")
     cli.add_config_flags(ap, Limits, title="limits per request, key and connection")
     args = ap.parse_args(argv)
+    if args.lora and not args.gpt2:
+        ap.error("--lora serves an adapter on a base: give --gpt2 BASE")
     if not args.gpt2 and not args.translator:
         ap.error("give --gpt2 MODEL, --translator MODEL, or both")
     if args.dtype and args.quantize:
@@ -67,6 +75,22 @@ def main(argv=None) -> int:
 def model_name(path: str) -> str:
     from pathlib import Path
     return Path(path.rstrip("/")).name or path
+
+
+def lora_names(specs: list[str], base: str) -> dict[str, str]:
+    """``{name: adapter directory}`` of the --lora flags (``NAME=DIR``, or ``DIR``: its base name)."""
+    from jaxformer.errors import InputError
+
+    out = {}
+    for spec in specs:
+        name, _, path = spec.rpartition("=") if "=" in spec else ("", "", spec)
+        name = name or model_name(path)
+        if not name or not path:
+            raise InputError(f"--lora {spec!r}: give NAME=ADAPTER_DIRECTORY")
+        if name == base or name in out:
+            raise InputError(f"--lora {spec!r}: the model name {name!r} is taken; give another NAME=")
+        out[name] = path
+    return out
 
 
 def is_loopback(host: str) -> bool:
@@ -120,16 +144,24 @@ def load_models(args) -> list:
 
     models = []
     if args.gpt2:
+        from jaxformer.gpt2.peft import load_adapter
         from jaxformer.gpt2.pretrained import load_pretrained
         from jaxformer.gpt2.tokenizer import GPT2Tokenizer
         from jaxformer.serve.engine import Engine
 
         t0 = time.perf_counter()
         weights = args.quantize or {"float32": "float", "bfloat16": "bfloat16"}.get(args.dtype)
+        base = model_name(args.gpt2)
         config, params, tok = load_pretrained(args.gpt2, weights=weights, scan_layers=False)
-        engine = Engine(params, config, slots=args.slots, max_queue=args.max_queue, warmup=not args.no_warmup)
-        models.append(Served(model_name(args.gpt2), "completion", engine, tok or GPT2Tokenizer.gpt2()))
-        print(f"GPT-2 {models[-1].name}: {config.n_layer} layers, {args.slots} slots, compiled in "
+        adapters = {name: load_adapter(path, config) for name, path in lora_names(args.lora, base).items()}
+        engine = Engine(params, config, slots=args.slots, max_queue=args.max_queue, warmup=not args.no_warmup,
+                        adapters=adapters)
+        tok = tok or GPT2Tokenizer.gpt2()
+        models.append(Served(base, "completion", engine, tok))
+        models += [Served(name, "completion", engine, tok, adapter=i, parent=base)
+                   for i, name in enumerate(engine.adapters, 1)]
+        lora = f", LoRA adapters {', '.join(engine.adapters)}" if adapters else ""
+        print(f"GPT-2 {base}: {config.n_layer} layers, {args.slots} slots{lora}, compiled in "
               f"{time.perf_counter() - t0:.1f} s", file=sys.stderr)
     if args.translator:
         from jaxformer.serve.translations import TranslationWorker
@@ -165,7 +197,7 @@ def serve(args) -> int:
     started = lifecycle.serve(create_app(models, tuple(args.api_key), limits, log), args.host, args.port, limits,
                               args.drain_seconds)
     for m in models:
-        if m.task == "completion":
+        if m.task == "completion" and not m.adapter:  # adapters share their base's engine
             m.model.close()
     if not started:
         raise InputError(f"the server did not start on {args.host}:{args.port}; see the messages above")

@@ -100,6 +100,38 @@ def model_input(adapter: dict, spec: LoRASpec, config: GPT2Config) -> dict:
     return scaled if config.scan_layers else unstack_layer_params(scaled, config.n_layer)
 
 
+def bank(config: GPT2Config, adapters: list[tuple[LoRASpec, dict]]) -> dict:
+    """Adapters side by side for a batch that mixes them (a server): the ``lora`` tree of
+    :func:`model_input` with an adapter axis after the layer axis, row 0 no adapter (zeros), row
+    ``i + 1`` ``adapters[i]`` (spec, stacked adapter). Every target any adapter has, at the largest
+    rank: smaller ones are zero-padded (extra columns of ``lora_a`` meet zero rows of ``lora_b``)
+    and a missing target is zeros; each adapter's scale is folded into its ``lora_b``. Leaves
+    float32 [L, n + 1, in, r] (per layer [n + 1, in, r] when ``config.scan_layers`` is False)."""
+    targets = tuple(t for t in TARGETS if any(t in spec.targets for spec, _ in adapters))
+    rank, n = max(spec.rank for spec, _ in adapters), len(adapters) + 1
+
+    def per_target(target, shape):
+        (n_in, _), (_, n_out) = shape
+        a = np.zeros((config.n_layer, n, n_in, rank), np.float32)
+        b = np.zeros((config.n_layer, n, rank, n_out), np.float32)
+        module, proj = TARGETS[target]
+        for i, (spec, adapter) in enumerate(adapters, 1):
+            if target in spec.targets:
+                ab = adapter["h"][module][proj]
+                a[:, i, :, :spec.rank] = np.asarray(ab["lora_a"])
+                b[:, i, :spec.rank] = np.asarray(ab["lora_b"]) * spec.scale
+        return a, b
+    tree = build(config, LoRASpec(rank=rank, targets=targets), per_target)
+    return tree if config.scan_layers else unstack_layer_params(tree, config.n_layer)
+
+
+def select(bank: dict, rows, config: GPT2Config) -> dict:
+    """The ``lora`` argument giving each row its adapter: rows int32[b] index the :func:`bank`
+    (0: none). Leaves [L, b, in, r] (or [b, in, r] per layer)."""
+    axis = 1 if config.scan_layers else 0
+    return jax.tree.map(lambda x: jnp.take(x, rows, axis=axis), bank)
+
+
 def merge(params, config: GPT2Config, adapter: dict, spec: LoRASpec):
     """(params, config) with the adapter folded into the kernels, ``W + scale * lora_a @ lora_b``
     (float32, Hugging Face's layout; low-precision weights are converted back first). Layers

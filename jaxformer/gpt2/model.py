@@ -21,7 +21,9 @@ LoRA adapters (:mod:`jaxformer.gpt2.lora`) enter as the ``lora`` argument, a tre
 params' (layers stacked the same way) holding ``{"lora_a" [in, r], "lora_b" [r, out]}`` for each
 adapted projection, e.g. ``{"h": {"attn": {"c_attn": {...}}}}``: the projection of x becomes
 ``dense(x) + dropout(x) @ lora_a @ lora_b`` (``lora_b`` already multiplied by the adapter's
-scaling). The params stay as they are, so a frozen base is shared by any number of adapters.
+scaling). The params stay as they are, so a frozen base is shared by any number of adapters (with a
+batch axis after the layer axis, ``[b, in, r]`` per layer, each row has its own adapter:
+:func:`jaxformer.gpt2.lora.select`).
 
 ``z`` is the attention output per head (the input of ``c_proj``, split by head); ``pattern`` the
 probabilities after softmax, before dropout. Hugging Face's ``hidden_states[i]`` is
@@ -54,9 +56,10 @@ def _dense(config: GPT2Config, features: int, name: str, std: float | None = Non
 def _adapted(module: nn.Module, dense: nn.Module, x, lora: dict | None, name: str):
     """``dense(x)``, plus ``dropout(x) @ lora_a @ lora_b`` when ``lora`` holds an adapter for ``name``.
 
-    x: [..., in]; lora[name]: {"lora_a": [in, r], "lora_b": [r, out]} (scaled). The update runs in
-    the compute dtype; its dropout (``module.lora_dropout``, training only) is named so that the
-    other dropout masks do not change with it."""
+    x: [b, t, in]; lora[name]: {"lora_a": [in, r], "lora_b": [r, out]} (scaled), or [b, in, r] and
+    [b, r, out]: an adapter per row (a server's mixed batch). The update runs in the compute dtype;
+    its dropout (``module.lora_dropout``, training only) is named so that the other dropout masks
+    do not change with it."""
     y = dense(x)
     if not lora or name not in lora:
         return y
@@ -64,7 +67,11 @@ def _adapted(module: nn.Module, dense: nn.Module, x, lora: dict | None, name: st
         x = nn.Dropout(module.lora_dropout, name=f"{name}_lora_dropout")(x, deterministic=module.deterministic)
     dtype = module.config.compute_dtype
     a, b = (lora[name][k].astype(dtype) for k in ("lora_a", "lora_b"))
-    return y + ((x.astype(dtype) @ a) @ b).astype(y.dtype)
+    if a.ndim == 3:
+        update = jnp.einsum("btr,bro->bto", jnp.einsum("bti,bir->btr", x.astype(dtype), a), b)
+    else:
+        update = (x.astype(dtype) @ a) @ b
+    return y + update.astype(y.dtype)
 
 
 def _layer_norm(config: GPT2Config, name: str):

@@ -9,7 +9,9 @@ and translation threads after their warm-up, which stays 0), ``GET /metrics`` (P
 with 400 (a bad request), 401 (no valid API key), 404 (an unknown model or route), 408 and 413 (a
 body too slow or too large), 429 (the queue or the key's streams are full, with ``Retry-After``),
 503 (draining before exit, with ``Retry-After``). Extensions: ``top_k``, ``ignore_eos`` (generate
-``max_tokens`` whatever EOS), ``translation`` models. Every request passes
+``max_tokens`` whatever EOS), ``translation`` models. A LoRA adapter served on a GPT-2 base is a
+completion model of its own name (``parent``: the base's in ``/v1/models``), decoded by the base's
+engine in the same steps as the base's requests. Every request passes
 :class:`~jaxformer.serve.gate.Gate` first.
 """
 
@@ -41,12 +43,15 @@ routes = APIRouter()
 
 @dataclasses.dataclass
 class Served:
-    """A model the server holds: its name (the directory's base name) and task."""
+    """A model the server holds: its name (the directory's base name, or an adapter's given name)
+    and task; an adapter is its engine's ``adapter`` row on the ``parent`` base."""
 
     name: str
     task: str  # "completion" | "translation"
     model: object  # Engine or TranslationWorker
     tokenizer: object = None  # GPT2Tokenizer, for completions
+    adapter: int = 0  # the engine's LoRA adapter (0: the base alone)
+    parent: str | None = None  # an adapter's base model
     created: int = dataclasses.field(default_factory=lambda: int(time.time()))
 
 
@@ -77,7 +82,7 @@ def create_app(models: list[Served], keys: tuple[str, ...] = (), limits: Limits 
     app.state.models = models
     app.state.limits = limits
     app.state.streams = Streams(limits.max_streams_per_key)
-    metrics = ServerMetrics([m.model for m in models if m.task == "completion"], SERVING_THREADS)
+    metrics = ServerMetrics(engines(models), SERVING_THREADS)
     app.state.metrics = metrics
     app.state.gate = GateState(Keys(keys), limits, metrics, AccessLog(access_log))
     app.add_middleware(Gate, state=app.state.gate)
@@ -99,6 +104,11 @@ async def http_error(request: Request, e: HTTPException):
 
 async def server_error(request: Request, e: Exception):  # a bug: still an OpenAI error body
     return APIError(500, f"internal error: {type(e).__name__}: {e}", kind="server_error").response()
+
+
+def engines(models: list[Served]) -> list:
+    """The completion engines, once each (adapters share their base's)."""
+    return list({id(m.model): m.model for m in models if m.task == "completion"}.values())
 
 
 def find(models: list[Served], body: dict, task: str) -> Served:
@@ -130,12 +140,11 @@ async def page():
 @routes.get("/health")
 async def health(request: Request):
     models = request.app.state.models
-    engines = [m.model for m in models if m.task == "completion"]
-    counts = compilations()
+    running, counts = engines(models), compilations()
     return dict(status="ok", models=[m.name for m in models], compilations=counts.total,
                 compilations_while_serving=sum(counts.by_thread[t] for t in SERVING_THREADS),
-                slots=sum(e.slots for e in engines), active=sum(e.active for e in engines),
-                queued=sum(e.queued for e in engines))
+                slots=sum(e.slots for e in running), active=sum(e.active for e in running),
+                queued=sum(e.queued for e in running))
 
 
 @routes.get("/metrics")
@@ -147,6 +156,8 @@ async def metrics(request: Request):
 async def list_models(request: Request):
     def entry(m: Served) -> dict:
         extra = dict(max_beam=m.model.max_beam) if m.task == "translation" else {}
+        if m.parent is not None:
+            extra.update(parent=m.parent, root=m.parent)
         return dict(id=m.name, object="model", created=m.created, owned_by="jaxformer", task=m.task, **extra)
     return dict(object="list", data=[entry(m) for m in request.app.state.models])
 
@@ -184,7 +195,7 @@ async def completions(request: Request):
             app.streams.release(key)
 
     try:
-        run = submit_completion(parsed, served.name, served.model, served.tokenizer, on_close)
+        run = submit_completion(parsed, served.name, served.model, served.tokenizer, on_close, served.adapter)
     except Exception:
         if parsed.stream:
             app.streams.release(key)

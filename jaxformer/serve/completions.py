@@ -61,9 +61,10 @@ class Completion:
 
 
 def submit_completion(request: CompletionRequest, model: str, engine: Engine, tokenizer,
-                      on_close: Callable[[Completion], None] | None = None) -> Completion:
+                      on_close: Callable[[Completion], None] | None = None, adapter: int = 0) -> Completion:
     """Queues the request's sequences (choice ``p * n + j``: sample ``j`` of prompt ``p``, drawn as
-    row ``p * n + j`` of ``generate()``); APIError when the engine cannot take them."""
+    row ``p * n + j`` of ``generate()``), with the engine's LoRA ``adapter`` (0: none); APIError
+    when the engine cannot take them."""
     loop, events, arrival = asyncio.get_running_loop(), asyncio.Queue(), time.monotonic()
 
     def post(choice: ChoiceText, text: str, logprobs: dict | None, reason: str | None = None) -> None:
@@ -82,7 +83,7 @@ def submit_completion(request: CompletionRequest, model: str, engine: Engine, to
             post(choice, *choice.echo([Token(t, None, [], []) for t in prompt]))
         choices.append(choice)
         times.append([None, None])
-        seqs.append(_sequence(choice, list(prompt), sampling, post, score, times[-1]))
+        seqs.append(_sequence(choice, list(prompt), sampling, post, score, times[-1], adapter))
     try:
         engine.submit(seqs)
     except QueueFull as e:
@@ -94,7 +95,7 @@ def submit_completion(request: CompletionRequest, model: str, engine: Engine, to
 
 
 def _sequence(choice: ChoiceText, prompt: list[int], sampling: Sampling, post, score: bool,
-              times: list) -> Sequence:
+              times: list, adapter: int) -> Sequence:
     """The engine's sequence for ``choice``: the text of its tokens (and scored prompt), and its
     end, go to ``post(choice, text, logprobs, finish_reason)`` from the engine's thread; ``times``
     gets the monotonic times of its first and latest tokens."""
@@ -106,7 +107,7 @@ def _sequence(choice: ChoiceText, prompt: list[int], sampling: Sampling, post, s
     return Sequence(prompt, sampling, choice.index, emit=emit,
                     finish=lambda reason: post(choice, choice.finish(reason), None, choice.finish_reason),
                     should_stop=lambda: choice.stopped,
-                    scored=(lambda tokens: post(choice, *choice.echo(tokens))) if score else None)
+                    scored=(lambda tokens: post(choice, *choice.echo(tokens))) if score else None, adapter=adapter)
 
 
 FAILURES = {"error": protocol.engine_failed, "shutdown": protocol.shutting_down}  # reason -> the error

@@ -21,6 +21,11 @@ A sequence may ask for its prompt's scores (each prompt token's log-probability 
 before it, and the best alternatives): one more jitted forward pass over the padded prompt, with
 logits at every position, before its prefill; with ``max_tokens`` 0 it ends there.
 
+LoRA adapters (:mod:`jaxformer.gpt2.lora`) ride along without merging: the engine holds them side
+by side in one bank (:func:`~jaxformer.gpt2.lora.bank`, row 0 the base alone) and each slot has a
+row, traced, so sequences of different adapters and of the base share every step and nothing
+compiles per adapter.
+
 Sampling is :func:`jaxformer.nn.decoding.sample_logits` with each slot's own temperature, top-k, top-p
 and key, all traced. Sequence ``j`` of a request with seed ``s`` draws step ``i`` from
 ``fold_in(fold_in(key(s), j), i)``, as ``generate(..., seed=s)`` does for row ``j``, so a request
@@ -39,6 +44,7 @@ import numpy as np
 from jaxformer.errors import InputError
 from jaxformer.gpt2.config import GPT2Config
 from jaxformer.gpt2.generate import pow2_bucket
+from jaxformer.gpt2.lora import LoRASpec, bank, select
 from jaxformer.gpt2.model import GPT2
 from jaxformer.nn.attention import KVCache
 from jaxformer.nn.decoding import sample_logits
@@ -55,9 +61,12 @@ class Engine:
 
     params: with unstacked layers (``config.scan_layers=False``: faster decoding on CPU).
     max_queue: sequences waiting for a slot beyond which :meth:`submit` raises :class:`QueueFull`.
+    adapters: ``{name: (spec, stacked adapter)}`` LoRA adapters for this base; a sequence's
+    ``adapter`` is 0 for the base alone, ``i + 1`` for the ``i``-th name of :attr:`adapters`.
     """
 
-    def __init__(self, params, config: GPT2Config, slots: int = 8, max_queue: int = 64, warmup: bool = True):
+    def __init__(self, params, config: GPT2Config, slots: int = 8, max_queue: int = 64, warmup: bool = True,
+                 adapters: dict[str, tuple[LoRASpec, dict]] | None = None):
         if slots < 1 or max_queue < 0:
             raise InputError(f"slots={slots} must be >= 1 and max_queue={max_queue} >= 0")
         # Everything the jitted functions get lives committed on one device: a committed and an
@@ -65,6 +74,8 @@ class Engine:
         self._device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
         self.params = jax.device_put(params, self._device)
         self.config, self.slots, self.max_queue = config, slots, max_queue
+        self.adapters = list(adapters or {})
+        self._bank = jax.device_put(bank(config, list(adapters.values())), self._device) if adapters else None
         # the row counts a step is compiled for: powers of 4 below ``slots``, and ``slots``
         self.buckets = sorted({*(4**i for i in range(slots.bit_length()) if 4**i < slots), slots})
         self.eos_id = config.eos_token_id
@@ -78,6 +89,7 @@ class Engine:
         self._seqs: list[Sequence | None] = [None] * slots
         self._pos = np.zeros(slots, np.int32)  # the position the slot's next token is written at
         self._last = np.zeros(slots, np.int32)  # the slot's last token (fed at the next step)
+        self._rows = np.zeros(slots, np.int32)  # the slot's adapter (its row of the bank; 0: none)
         self._keys = np.array(jax.random.key_data(jax.random.split(jax.random.key(0), slots)))  # per sequence
         self.window = MIN_WINDOW
         self._cache = self._zeros(self.window)
@@ -103,6 +115,8 @@ class Engine:
     def submit(self, seqs: list[Sequence]) -> None:
         """Queues the sequences of one request (all or none: QueueFull when they do not fit)."""
         for s in seqs:
+            if not 0 <= s.adapter <= len(self.adapters):
+                raise InputError(f"adapter {s.adapter}: this engine holds {len(self.adapters)} LoRA adapters")
             if len(s.prompt) + s.sampling.max_tokens > self.config.n_positions:
                 raise InputError(f"prompt of {len(s.prompt)} tokens + max_tokens={s.sampling.max_tokens} exceeds the "
                                  f"context of {self.config.n_positions} tokens")
@@ -141,16 +155,21 @@ class Engine:
         return jax.device_put(KVCache.zeros(self.slots, window, c.n_head, c.head_dim, c.compute_dtype, c.n_layer),
                               self._device)
 
-    @functools.partial(jax.jit, static_argnums=0, donate_argnums=2)
-    def _step(self, params, cache, tokens, pos, keys, counts, temperature, top_k, top_p):
+    def _lora(self, bank, rows):
+        return None if bank is None else select(bank, rows, self.config)
+
+    @functools.partial(jax.jit, static_argnums=0, donate_argnums=3)
+    def _step(self, params, bank, cache, tokens, pos, rows, keys, counts, temperature, top_k, top_p):
         """One token for each of the first R slots (R = ``len(tokens)``, a bucket: the cache's other
-        slots are left alone): tokens, pos int32[R]; keys uint32[R, 2] (each sequence's key data) and
+        slots are left alone): tokens, pos int32[R]; bank: the adapters (or None) and rows int32[R]
+        each slot's; keys uint32[R, 2] (each sequence's key data) and
         counts [R] (its tokens so far: the step's key is ``fold_in(key, count)``); the sampling
         settings [R]. Returns (next int32[R], logprob [R], top ids [R, k], top logprobs [R, k],
         cache). Idle slots among them compute too (their results are ignored)."""
         key_valid = jnp.arange(cache.k.shape[-2])[None, :] <= pos[:, None]
         logits, cache = self.model.apply({"params": params}, tokens[:, None], positions=pos[:, None],
-                                         key_valid=key_valid, cache=cache, index=pos, last_only=True)
+                                         key_valid=key_valid, cache=cache, index=pos, last_only=True,
+                                         lora=self._lora(bank, rows))
         return (*self._pick(logits[:, 0], keys, counts, temperature, top_k, top_p), cache)
 
     @staticmethod
@@ -164,25 +183,27 @@ class Engine:
         return tok, jnp.take_along_axis(logp, tok[:, None], axis=-1)[:, 0], top_ids, top_lp
 
     @functools.partial(jax.jit, static_argnums=0)
-    def _prefill(self, params, tokens, length, seed, index, temperature, top_k, top_p):
-        """One prompt, right-padded: tokens int32[1, P], length int32[]; the sequence's key is
+    def _prefill(self, params, bank, tokens, length, row, seed, index, temperature, top_k, top_p):
+        """One prompt, right-padded: tokens int32[1, P], length int32[], row int32[] its adapter; the
+        sequence's key is
         ``fold_in(key(seed), index)``. Returns (the first token's pick as in :meth:`_step`, the key's
         data uint32[2], k, v [L, 1, H, P, d])."""
         p = tokens.shape[1]
         cache = KVCache.zeros(1, p, self.config.n_head, self.config.head_dim, self.config.compute_dtype,
                               self.config.n_layer)
-        logits, cache = self.model.apply({"params": params}, tokens, cache=cache, index=0, at=(length - 1)[None])
+        logits, cache = self.model.apply({"params": params}, tokens, cache=cache, index=0, at=(length - 1)[None],
+                                         lora=self._lora(bank, row[None]))
         key = jax.random.key_data(jax.random.fold_in(jax.random.key(seed), index))
         pick = self._pick(logits[:, 0], key[None], jnp.zeros(1, jnp.uint32), temperature, top_k, top_p)
         return (*pick, key, cache.k, cache.v)
 
     @functools.partial(jax.jit, static_argnums=0)
-    def _score(self, params, tokens):
-        """A right-padded prompt's scores: tokens int32[1, P]. Returns each next token's
+    def _score(self, params, bank, tokens, row):
+        """A right-padded prompt's scores: tokens int32[1, P], row int32[] its adapter. Returns each next token's
         log-probability float32[P - 1] and the best alternatives at each position (ids, log-probs
         [P - 1, k]); entries past the prompt are padding."""
         positions = jnp.minimum(jnp.arange(tokens.shape[1]), self.config.n_positions - 1)[None]
-        logits, _ = self.model.apply({"params": params}, tokens, positions=positions)
+        logits, _ = self.model.apply({"params": params}, tokens, positions=positions, lora=self._lora(bank, row[None]))
         logp = jax.nn.log_softmax(logits[0, :-1].astype(jnp.float32), axis=-1)
         top_lp, top_ids = jax.lax.top_k(logp, TOP_LOGPROBS)
         return jnp.take_along_axis(logp, tokens[0, 1:, None], axis=-1)[:, 0], top_ids, top_lp
@@ -282,7 +303,7 @@ class Engine:
         tokens = np.zeros((1, p), np.int32)
         tokens[0, :n] = seq.prompt
         if seq.scored is not None:
-            lp, top_ids, top_lp = jax.device_get(self._score(self.params, tokens))
+            lp, top_ids, top_lp = jax.device_get(self._score(self.params, self._bank, tokens, np.int32(seq.adapter)))
             prompt = [Token(seq.prompt[0], None, [], [])] + [
                 Token(t, float(lp[i]), top_ids[i].tolist(), top_lp[i].tolist()) for i, t in enumerate(seq.prompt[1:])]
             if not notify(seq.scored, prompt):
@@ -292,8 +313,10 @@ class Engine:
         if p > self.window or n + 1 > self.window:
             self._set_window(pow2_bucket(max(p, n + 1), MIN_WINDOW))
         tok, lp, top_ids, top_lp, key, k, v = self._prefill(
-            self.params, tokens, np.int32(n), np.int32(seq.sampling.seed), np.int32(seq.index), *self._settings([seq]))
+            self.params, self._bank, tokens, np.int32(n), np.int32(seq.adapter), np.int32(seq.sampling.seed),
+            np.int32(seq.index), *self._settings([seq]))
         self._keys[slot] = np.asarray(key)
+        self._rows[slot] = seq.adapter
         self._cache = self._insert(self._cache, k, v, np.int32(slot))
         seq.slot = slot
         self._seqs[slot] = seq
@@ -309,7 +332,7 @@ class Engine:
         free = [i for i in range(need) if self._seqs[i] is None]
         for src, dst in zip([i for i in live if i >= need], free):
             self._cache = self._move(self._cache, np.int32(src), np.int32(dst))
-            for a in (self._pos, self._last, self._keys):
+            for a in (self._pos, self._last, self._keys, self._rows):
                 a[dst] = a[src]
             seq = self._seqs[dst] = self._seqs[src]
             self._seqs[src], seq.slot = None, dst
@@ -321,8 +344,9 @@ class Engine:
         r = self.step_rows = min(b for b in self.buckets if b >= used)
         seqs = self._seqs[:r]
         counts = np.asarray([seq.generated if seq else 0 for seq in seqs], np.uint32)
-        tok, lp, top_ids, top_lp, self._cache = self._step(self.params, self._cache, self._last[:r], self._pos[:r],
-                                                           self._keys[:r], counts, *self._settings(seqs))
+        tok, lp, top_ids, top_lp, self._cache = self._step(self.params, self._bank, self._cache, self._last[:r],
+                                                           self._pos[:r], self._rows[:r], self._keys[:r], counts,
+                                                           *self._settings(seqs))
         self.steps += 1
         tok, lp, top_ids, top_lp = jax.device_get((tok, lp, top_ids, top_lp))  # one transfer
         for slot, seq in enumerate(seqs):

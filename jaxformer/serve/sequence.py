@@ -35,13 +35,14 @@ class Sequence:
     context's end, ``"cancelled"``, ``"error"``: a bug in the engine, ``"shutdown"``: the server is
     exiting); ``should_stop()`` lets the caller end it (a stop sequence). With ``scored``, the
     prompt's tokens with their log-probabilities go to ``scored(tokens)`` before the first
-    generated token (``max_tokens`` 0: nothing is generated)."""
+    generated token (``max_tokens`` 0: nothing is generated). ``adapter``: the engine's LoRA adapter
+    for it (0: the base alone)."""
 
     def __init__(self, prompt: list[int], sampling: Sampling, index: int,
                  emit: Callable[[Token], None], finish: Callable[[str], None],
                  should_stop: Callable[[], bool] = lambda: False,
-                 scored: Callable[[list[Token]], None] | None = None):
-        self.prompt, self.sampling, self.index = prompt, sampling, index
+                 scored: Callable[[list[Token]], None] | None = None, adapter: int = 0):
+        self.prompt, self.sampling, self.index, self.adapter = prompt, sampling, index, adapter
         self.emit, self.finish, self.should_stop, self.scored = emit, finish, should_stop, scored
         self.generated = 0
         self.cancelled = False

@@ -22,12 +22,12 @@ def warm_up(engine: Engine) -> None:
     for w in sizes:
         cache = e._zeros(w)
         for r in e.buckets:
-            cache = e._step(e.params, cache, idle[:r], idle[:r], e._keys[:r], idle[:r].astype(np.uint32),
-                            *e._settings([None] * r))[-1]
+            cache = e._step(e.params, e._bank, cache, idle[:r], idle[:r], idle[:r], e._keys[:r],
+                            idle[:r].astype(np.uint32), *e._settings([None] * r))[-1]
         p = MIN_PROMPT
         while p <= w:
-            *_, k, v = e._prefill(e.params, np.zeros((1, p), np.int32), np.int32(1), np.int32(0), np.int32(0),
-                                  *e._settings([None]))
+            *_, k, v = e._prefill(e.params, e._bank, np.zeros((1, p), np.int32), np.int32(1), np.int32(0),
+                                  np.int32(0), np.int32(0), *e._settings([None]))
             cache = e._insert(cache, k, v, np.int32(0))
             p *= 2
         cache = e._move(cache, np.int32(0), np.int32(0))
@@ -36,5 +36,5 @@ def warm_up(engine: Engine) -> None:
                 e._resize(cache, other)
     p = MIN_PROMPT
     while p <= sizes[-1]:
-        e._score(e.params, np.zeros((1, p), np.int32))
+        e._score(e.params, e._bank, np.zeros((1, p), np.int32), np.int32(0))
         p *= 2
