@@ -5,17 +5,24 @@ passes; the contenders' passes are interleaved, so that a change of load on the 
 alike, and the statistic is each contender's best (minimum) pass: the least disturbed measurement
 of the same work.
 
-Servers (``scripts/bench_serve.py``) are measured under load instead: :func:`closed_loop`
-(:data:`LOAD_STATISTIC`).
+Servers (``scripts/bench_serve.py``, ``bench_lora.py``, ``soak_serve.py``) are measured under load
+instead: :func:`closed_loop` (:data:`LOAD_STATISTIC`), each server a :class:`ServerProcess` on
+:data:`HOST`, serving the model :func:`make_model` writes.
 """
 
+import contextlib
 import http.client
 import json
 import math
 import os
 import platform
+import shutil
+import signal
+import socket
+import subprocess
 import threading
 import time
+import urllib.request
 from pathlib import Path
 from typing import Callable
 
@@ -86,6 +93,141 @@ def write_json(path: str | Path | None, result: dict) -> None:
 
 
 # --- servers under load ----------------------------------------------------------------------------
+
+HOST = "127.0.0.1"
+_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # 127.0.0.1 only, never a proxy
+
+
+def make_model(path: Path) -> None:
+    """Random-weight GPT-2 124M (transformers, seed 0) with the GPT-2 tokenizer files, in Hugging
+    Face layout."""
+    import torch
+    import transformers
+
+    from jaxformer.gpt2.tokenizer import GPT2_DIR
+
+    transformers.utils.logging.disable_progress_bar()
+    torch.manual_seed(0)
+    transformers.GPT2LMHeadModel(transformers.GPT2Config()).eval().save_pretrained(path)
+    for f in GPT2_DIR.iterdir():
+        if f.is_file():
+            shutil.copy(f, path / f.name)
+
+
+def one_token_words() -> list[str]:
+    """GPT-2 tokens " word" (lowercase ASCII letters) that encode back to themselves alone: a prompt
+    joining n of them is exactly n tokens."""
+    from jaxformer.gpt2.tokenizer import GPT2Tokenizer
+
+    tok = GPT2Tokenizer.gpt2()
+    vocab = tok.tokenizer.get_vocab()
+    words = sorted(" " + t[1:] for t in vocab
+                   if t.startswith("Ġ") and len(t) > 2 and t[1:].isascii() and t[1:].isalpha() and t[1:].islower())
+    ids = tok.tokenizer.encode_batch(words, add_special_tokens=False)
+    return [w for w, e in zip(words, ids, strict=True) if len(e.ids) == 1]
+
+
+def make_prompts(words: list[str], count: int, length: int, seed: int) -> list[str]:
+    rng = np.random.RandomState(seed)
+    return ["".join(words[i] for i in rng.randint(0, len(words), length)) for _ in range(count)]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+def get_json(url: str, timeout: float = 10):
+    with _OPENER.open(url, timeout=timeout) as r:
+        return json.load(r)
+
+
+class ServerProcess:
+    """A server's command as a subprocess alone in its process group (what it starts goes with it),
+    its output in ``log``; as a context manager, stopped at the end. ``name`` and ``log_name`` say
+    which server and where its log is in errors."""
+
+    def __init__(self, cmd: list[str], port: int, log: Path, env: dict | None = None, name: str = "the server",
+                 log_name: str | None = None):
+        self.cmd, self.port, self.log_path, self.name = cmd, port, Path(log), name
+        self.log_name, self.url = log_name or str(log), f"http://{HOST}:{port}"
+        self.log = open(log, "wb")
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                                     start_new_session=True, cwd=Path(__file__).resolve().parents[1])
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.stop(20)
+
+    def wait_ready(self, timeout: float) -> float:
+        """Seconds until GET /health answers ok; an error naming the log if the server dies or is late."""
+        from jaxformer.errors import InputError
+
+        start = time.monotonic()
+        while time.monotonic() - start < timeout:
+            if self.proc.poll() is not None:
+                raise InputError(f"{self.name} exited with status {self.proc.returncode} before it was ready; "
+                                 f"its log ({self.log_name}) ends:\n{self.tail()}")
+            try:
+                health = get_json(f"{self.url}/health", timeout=5)
+                if not isinstance(health, dict) or health.get("status", "ok") == "ok":
+                    return time.monotonic() - start
+            except (OSError, ValueError):
+                pass
+            time.sleep(0.5)
+        raise InputError(f"{self.name} was not ready after {timeout} s; its log ({self.log_name}) ends:\n{self.tail()}")
+
+    def health(self) -> dict:
+        """GET /health, or {} when it does not answer."""
+        try:
+            health = get_json(f"{self.url}/health")
+            return health if isinstance(health, dict) else {}
+        except (OSError, ValueError):
+            return {}
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Whether /health says nothing is running or queued within ``timeout`` seconds."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            h = self.health()
+            if h and not h.get("active") and not h.get("queued"):
+                return True
+            time.sleep(0.2)
+        return False
+
+    def rss_mb(self) -> float:
+        """Resident memory (VmRSS) in MB (Linux)."""
+        from jaxformer.errors import InputError
+
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+        raise InputError("no VmRSS in /proc: the server's memory is read there (Linux)")
+
+    def stop(self, timeout: float = 120) -> int | None:
+        """SIGTERM to the group, then the exit status (None: it had to be killed)."""
+        try:
+            if self.proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                return self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+                return None
+        finally:
+            self.log.close()
+
+    def tail(self, lines: int = 30) -> str:
+        if not self.log.closed:
+            self.log.flush()
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+
 
 def stream_completion(host: str, port: int, body: dict, timeout: float) -> dict:
     """One streaming POST /v1/completions: arrival times of the first and last text chunks, tokens

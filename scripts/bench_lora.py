@@ -1,7 +1,10 @@
-"""Benchmark a LoRA train step on GPT-2 124M against full fine-tuning and PEFT + PyTorch.
+"""Benchmark LoRA on GPT-2 124M: a train step against full fine-tuning and PEFT + PyTorch
+(``lora-train``), and serving many adapters on one base against the base alone
+(``multi-adapter-serve``).
 
     python scripts/bench_lora.py --json bench_lora.json          # CPU: batch 1 x 1024 tokens
-    python scripts/bench_lora.py --batch-size 8 --json bench_lora.json
+    python scripts/bench_lora.py --cases lora-train --batch-size 8 --json bench_lora.json
+    python scripts/bench_lora.py --cases multi-adapter-serve --serve-streams 16 --adapters 4
 
 Every side does the same update: forward, next-token cross-entropy, backward, global-norm
 clipping to 1.0, AdamW (betas 0.9/0.95, weight decay 0.1), GPT-2's dropout ``--dropout``.
@@ -14,11 +17,24 @@ LoRA as PEFT's defaults for GPT-2 except the rank: r ``--rank``, alpha 8, target
 dropout 0. Memory is measured as the bytes of the arrays each side holds after a step: the
 params (frozen base + adapter, or all) and the optimizer state (Adam's moments and counters).
 Timing: ``jaxformer.benchmark.STATISTIC``.
+
+multi-adapter-serve: two ``jaxformer serve`` processes on one random-weight GPT-2 124M, the base
+alone and the base with ``--adapters`` PEFT adapters (r ``--rank`` on ``c_attn``, random
+matrices); the same closed-loop load on each (``jaxformer.benchmark.LOAD_STATISTIC``:
+``--serve-streams`` streaming clients, greedy, EOS ignored), client i of the adapter server asking
+for adapter i mod n, so every step mixes them. Passes alternate between the servers after one
+untimed pass each; the best pass of each counts. ``speedup``: adapters' tokens/s over the base's.
+JSON: ``{"device", "cases": [...]}``, each case with its ``name``, both sides' figures, ``speedup``
+and for ``lora-train`` ``optimizer_state_fraction``.
 """
 
+import contextlib
 import math
 import os
+import shutil
 import sys
+import tempfile
+from pathlib import Path
 
 os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # leave PyTorch its share of a GPU
 import jax  # noqa: E402
@@ -134,14 +150,31 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=cli.at_least(1), default=1 if on_cpu else 3)
     ap.add_argument("--steps", type=cli.at_least(1), default=2 if on_cpu else 20, help="steps per timed pass")
     ap.add_argument("--repeats", type=cli.at_least(1), default=2, help="timed passes per side, interleaved")
+    ap.add_argument("--cases", default=",".join(CASES), help=f"comma-separated subset of {','.join(CASES)}")
+    ap.add_argument("--adapters", type=cli.at_least(1), default=4, help="adapters served (multi-adapter-serve)")
+    ap.add_argument("--serve-streams", type=cli.at_least(1), default=16, help="concurrent streaming clients")
+    ap.add_argument("--serve-requests", type=cli.at_least(1), default=2, help="requests per client and pass")
+    ap.add_argument("--serve-max-tokens", type=cli.at_least(1), default=64, help="tokens per request")
+    ap.add_argument("--prompt-len", type=cli.at_least(1), default=32, help="prompt tokens per request")
     ap.add_argument("--json", metavar="PATH")
     args = ap.parse_args(argv)
+    args.cases = [c for c in args.cases.split(",") if c]
+    if not args.cases or set(args.cases) - set(CASES):
+        ap.error(f"--cases {','.join(args.cases)!r}: choose among {', '.join(CASES)}")
     return cli.run(lambda: bench(args), args.debug)
 
 
 def bench(args) -> int:
     if args.seq_len > 1024:
         raise InputError(f"--seq-len {args.seq_len}: GPT-2 124M has 1024 positions")
+    print(f"device: {device_name()}; timing: {STATISTIC}")
+    cases = [c for name in args.cases for c in CASES[name](args)]
+    write_json(args.json, dict(device=device_name(), cases=cases))
+    return 0 if all(math.isfinite(c["speedup"]) and not c.get("failed") for c in cases) else 1
+
+
+def bench_train(args) -> list[dict]:
+    """The lora-train case (and full-train: full fine-tuning against PyTorch's)."""
     runs, memory = {}, {}
     runs["peft"], memory["peft"], peft_setup = bench_torch(args, args.rank)
     runs["torch-full"], memory["torch-full"], _ = bench_torch(args, None)
@@ -152,17 +185,7 @@ def bench(args) -> int:
     tok_s = {name: args.steps * args.batch_size * args.seq_len / t for name, t in seconds.items()}
     shape = f"gpt2-124m, batch {args.batch_size} x seq {args.seq_len}, {args.dtype}, dropout {args.dropout}"
     fraction = memory["lora"]["optimizer_state_bytes"] / memory["full"]["optimizer_state_bytes"]
-    cases = [
-        dict(name="lora-train", setup=f"LoRA r={args.rank} alpha 8 on c_attn; {shape}",
-             jaxformer_tok_s=round(tok_s["lora"], 1), peft_tok_s=round(tok_s["peft"], 1),
-             speedup=round(tok_s["lora"] / tok_s["peft"], 3), jaxformer_full_tok_s=round(tok_s["full"], 1),
-             jaxformer=memory["lora"], peft=memory["peft"], full=memory["full"],
-             optimizer_state_fraction=round(fraction, 6), peft_setup=peft_setup),
-        dict(name="full-train", setup=f"all weights; {shape}", jaxformer_tok_s=round(tok_s["full"], 1),
-             pytorch_tok_s=round(tok_s["torch-full"], 1), speedup=round(tok_s["full"] / tok_s["torch-full"], 3),
-             jaxformer=memory["full"], pytorch=memory["torch-full"]),
-    ]
-    print(f"device: {device_name()}; {shape}; timing: {STATISTIC}")
+    print(f"{shape}")
     print(f"{'side':<34} {'tok/s':>8} {'trainable':>12} {'params MB':>10} {'optimizer MB':>13}")
     for name, label in (("lora", f"jaxformer LoRA r={args.rank}"), ("peft", f"PEFT + torch LoRA r={args.rank}"),
                         ("full", "jaxformer full fine-tuning"), ("torch-full", "torch full fine-tuning")):
@@ -172,8 +195,83 @@ def bench(args) -> int:
     print(f"LoRA against PEFT {tok_s['lora'] / tok_s['peft']:.2f}x, full fine-tuning against torch "
           f"{tok_s['full'] / tok_s['torch-full']:.2f}x; LoRA's optimizer state is {fraction:.3%} of full "
           f"fine-tuning's; torch side: {peft_setup}")
-    write_json(args.json, dict(device=device_name(), cases=cases))
-    return 0 if all(math.isfinite(t) for t in tok_s.values()) else 1
+    return [
+        dict(name="lora-train", setup=f"LoRA r={args.rank} alpha 8 on c_attn; {shape}",
+             jaxformer_tok_s=round(tok_s["lora"], 1), peft_tok_s=round(tok_s["peft"], 1),
+             speedup=round(tok_s["lora"] / tok_s["peft"], 3), jaxformer_full_tok_s=round(tok_s["full"], 1),
+             jaxformer=memory["lora"], peft=memory["peft"], full=memory["full"],
+             optimizer_state_fraction=round(fraction, 6), peft_setup=peft_setup),
+        dict(name="full-train", setup=f"all weights; {shape}", jaxformer_tok_s=round(tok_s["full"], 1),
+             pytorch_tok_s=round(tok_s["torch-full"], 1), speedup=round(tok_s["full"] / tok_s["torch-full"], 3),
+             jaxformer=memory["full"], pytorch=memory["torch-full"]),
+    ]
+
+
+def bench_serve(args) -> list[dict]:
+    """The multi-adapter-serve case (the module docstring)."""
+    from jaxformer.benchmark import (HOST, ServerProcess, closed_loop, free_port, make_model, make_prompts,
+                                     one_token_words, summarize_load)
+    from jaxformer.gpt2 import lora, peft
+    from jaxformer.gpt2.config import preset
+
+    work = Path(tempfile.mkdtemp(prefix="bench-lora-serve-"))
+    try:
+        model_dir = work / "gpt2-random"
+        make_model(model_dir)
+        config, spec = preset("gpt2"), lora.LoRASpec(rank=args.rank)
+        names = [f"adapter{i}" for i in range(args.adapters)]
+        for i, name in enumerate(names):
+            leaves, tree = jax.tree.flatten(lora.abstract(config, spec))
+            rng = np.random.default_rng(i)
+            adapter = jax.tree.unflatten(tree, [rng.normal(0, 0.02, x.shape).astype(np.float32) for x in leaves])
+            peft.save_peft(work / name, adapter, spec, base=str(model_dir))
+        streams = args.serve_streams
+        cmd = [sys.executable, "-m", "jaxformer", "serve", "--gpt2", str(model_dir), "--host", HOST,
+               "--slots", str(streams), "--max-queue", str(streams), "--compile-cache", str(work / "jit"),
+               "--access-log", "none"]
+        request = dict(max_tokens=args.serve_max_tokens, temperature=0, stream=True, ignore_eos=True,
+                       stream_options={"include_usage": True})
+        sides = {"base": ([], [dict(request, model=model_dir.name)]),
+                 "lora": ([f"{n}={work / n}" for n in names], [dict(request, model=n) for n in names])}
+        words, env = one_token_words(), {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+        with contextlib.ExitStack() as stack:
+            servers = {}
+            for side, (flags, _) in sides.items():
+                port = free_port()
+                server = ServerProcess(cmd + ["--port", str(port)] + [x for f in flags for x in ("--lora", f)], port,
+                                       work / f"{side}.log", env, f"the {side} server")
+                servers[side] = stack.enter_context(server)
+            for s in servers.values():
+                s.wait_ready(900)
+            best = {}
+            for rep in range(args.repeats + 1):  # pass 0 warms up
+                for side, (_, fields) in sides.items():
+                    s = servers[side]
+                    prompts = make_prompts(words, streams * args.serve_requests, args.prompt_len, rep)
+                    before = s.health().get("compilations")
+                    results, wall = closed_loop(HOST, s.port, fields, prompts, streams, 600)
+                    row = dict(summarize_load(results, wall, args.serve_max_tokens),
+                               compilations_during=s.health().get("compilations", 0) - (before or 0))
+                    if rep and (side not in best or row["tok_s"] > best[side]["tok_s"]):
+                        best[side] = row
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    base, mixed = best["base"], best["lora"]
+    print(f"serving {streams} streams: base alone {base['tok_s']:.1f} tok/s, over {args.adapters} adapters "
+          f"{mixed['tok_s']:.1f} tok/s ({mixed['tok_s'] / base['tok_s']:.2f}x); TPOT p50 {base['tpot_p50_s'] * 1e3:.0f} "
+          f"/ {mixed['tpot_p50_s'] * 1e3:.0f} ms; failed {base['failed']} / {mixed['failed']}; compilations while "
+          f"loaded {base['compilations_during']} / {mixed['compilations_during']}")
+    return [dict(name="multi-adapter-serve",
+                setup=f"jaxformer serve, GPT-2 124M random weights, {args.adapters} PEFT adapters r={args.rank} on "
+                      f"c_attn, {streams} streams (client i: adapter i mod {args.adapters}) against the same load on "
+                      f"the base alone; prompts {args.prompt_len} tokens, {args.serve_max_tokens} new tokens greedy, "
+                      f"{args.serve_requests} requests per stream",
+                jaxformer_tok_s=round(mixed["tok_s"], 1), base_tok_s=round(base["tok_s"], 1),
+                speedup=round(mixed["tok_s"] / base["tok_s"], 3), streams=streams, adapters=args.adapters,
+                failed=base["failed"] + mixed["failed"], lora=mixed, base=base)]
+
+
+CASES = {"lora-train": bench_train, "multi-adapter-serve": bench_serve}
 
 
 if __name__ == "__main__":

@@ -33,23 +33,17 @@ import math
 import os
 import shlex
 import shutil
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
-import time
-import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
 
-from jaxformer.benchmark import LOAD_STATISTIC, closed_loop, device_name, summarize_load, write_json
+from jaxformer.benchmark import (HOST, LOAD_STATISTIC, ServerProcess, closed_loop, device_name, free_port, get_json,
+                                 make_model, make_prompts, one_token_words, summarize_load, write_json)
 from jaxformer.commands import cli
 from jaxformer.errors import InputError
 
-HOST = "127.0.0.1"
 MODEL_NAME = "gpt2-random"
 DEFAULT_CMD = ("{python} -m jaxformer serve --gpt2 {model} --host {host} --port {port} --slots {slots} "
                "--max-queue {max_queue}")
@@ -98,111 +92,6 @@ def main(argv=None) -> int:
         ap.error(f"--jaxformer-extra {args.jaxformer_extra!r}: not a JSON object")
     args.jaxformer_extra = extra
     return cli.run(lambda: bench(args), args.debug)
-
-
-# --- the model and the prompts ---------------------------------------------------------------------
-
-def make_model(path: Path) -> None:
-    """Random-weight GPT-2 124M (seed 0) with the GPT-2 tokenizer files, in Hugging Face layout."""
-    import torch
-    import transformers
-
-    from jaxformer.gpt2.tokenizer import GPT2_DIR
-
-    transformers.utils.logging.disable_progress_bar()
-    torch.manual_seed(0)
-    model = transformers.GPT2LMHeadModel(transformers.GPT2Config()).eval()
-    model.save_pretrained(path)
-    for f in GPT2_DIR.iterdir():
-        if f.is_file():
-            shutil.copy(f, path / f.name)
-
-
-def one_token_words() -> list[str]:
-    """GPT-2 tokens " word" (lowercase ASCII letters) that encode back to themselves alone: a prompt
-    joining n of them is exactly n tokens."""
-    from jaxformer.gpt2.tokenizer import GPT2Tokenizer
-
-    tok = GPT2Tokenizer.gpt2()
-    vocab = tok.tokenizer.get_vocab()
-    words = sorted(" " + t[1:] for t in vocab
-                   if t.startswith("Ġ") and len(t) > 2 and t[1:].isascii() and t[1:].isalpha() and t[1:].islower())
-    ids = tok.tokenizer.encode_batch(words, add_special_tokens=False)
-    return [w for w, e in zip(words, ids, strict=True) if len(e.ids) == 1]
-
-
-def make_prompts(words: list[str], count: int, length: int, seed: int) -> list[str]:
-    rng = np.random.RandomState(seed)
-    return ["".join(words[i] for i in rng.randint(0, len(words), length)) for _ in range(count)]
-
-
-# --- servers ---------------------------------------------------------------------------------------
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
-
-
-_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # 127.0.0.1 only, never a proxy
-
-
-def get_json(url: str, timeout: float = 10):
-    with _OPENER.open(url, timeout=timeout) as r:
-        return json.load(r)
-
-
-class Server:
-    """A server process, alone in its process group, its output in a log file."""
-
-    def __init__(self, name: str, cmd: list[str], port: int, log: Path, env: dict, keep_log: bool):
-        self.name, self.cmd, self.port, self.log_path, self.env = name, cmd, port, log, env
-        self.log_name = str(log) if keep_log else "--logs DIR keeps it"
-        self.url = f"http://{HOST}:{port}"
-        self.proc = None
-
-    def __enter__(self):
-        self.log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen(self.cmd, stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                     env=self.env, start_new_session=True, cwd=Path(__file__).resolve().parents[1])
-        return self
-
-    def wait_ready(self, timeout: float) -> float:
-        """Seconds until GET /health answers ok; an error naming the log if the server dies or is late."""
-        start = time.monotonic()
-        while time.monotonic() - start < timeout:
-            if self.proc.poll() is not None:
-                raise InputError(f"{self.name} exited with status {self.proc.returncode} before it was ready; "
-                                 f"its log ({self.log_name}) ends:\n{self.tail()}")
-            try:
-                health = get_json(f"{self.url}/health", timeout=5)
-                if not isinstance(health, dict) or health.get("status", "ok") == "ok":
-                    return time.monotonic() - start
-            except (OSError, ValueError):
-                pass
-            time.sleep(0.5)
-        raise InputError(f"{self.name} was not ready after {timeout} s; its log ({self.log_name}) ends:\n{self.tail()}")
-
-    def health(self) -> dict:
-        try:
-            return get_json(f"{self.url}/health")
-        except (OSError, ValueError):
-            return {}
-
-    def tail(self, lines: int = 20) -> str:
-        self.log.flush()
-        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-
-    def __exit__(self, *exc):
-        for sig, wait in ((signal.SIGTERM, 20), (signal.SIGKILL, 10)):
-            if self.proc.poll() is not None:
-                break
-            try:
-                os.killpg(self.proc.pid, sig)  # the server and whatever it started
-                self.proc.wait(wait)
-            except (ProcessLookupError, subprocess.TimeoutExpired):
-                continue
-        self.log.close()
 
 
 # --- the contenders --------------------------------------------------------------------------------
@@ -291,7 +180,8 @@ def bench(args) -> int:
             info = servers[name] = dict(cmd=shlex.join(cmd), loadavg_before=os.getloadavg())
             env = hf_env if CONTENDERS[name].baseline else base_env  # --threads is for torch only
             try:
-                with Server(name, cmd, port, logs / f"{name}.log", env, bool(args.logs)) as server:
+                log_name = str(logs / f"{name}.log") if args.logs else "--logs DIR keeps it"
+                with ServerProcess(cmd, port, logs / f"{name}.log", env, name, log_name) as server:
                     runs[name] = measure(server, args, model_dir, words, info, problems)
             except InputError as e:
                 print(f"error: {e}", file=sys.stderr)
@@ -316,7 +206,7 @@ def bench(args) -> int:
     return 1 if problems else 0
 
 
-def measure(server: Server, args, model_dir: Path, words: list[str], info: dict, problems: list[str]) -> list[dict]:
+def measure(server: ServerProcess, args, model_dir: Path, words: list[str], info: dict, problems: list[str]) -> list[dict]:
     """The load at every stream count against one running server: a row per stream count."""
     name = server.name
     info["startup_s"] = server.wait_ready(args.startup_timeout)

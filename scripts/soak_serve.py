@@ -27,10 +27,6 @@ import collections
 import http.client
 import json
 import random
-import shutil
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import threading
@@ -39,10 +35,9 @@ from pathlib import Path
 
 import numpy as np
 
+from jaxformer.benchmark import HOST, ServerProcess, free_port, make_model
 from jaxformer.commands import cli
-from jaxformer.errors import InputError
 
-HOST = "127.0.0.1"
 KEYS = ("soak-key-one", "soak-key-two")
 MAX_BODY = 1 << 16  # the server's --max-body-bytes in the soak
 PROMPTS = ["The quick brown fox", "Once upon a time", "In the beginning", "To be or not to be, that is",
@@ -81,20 +76,6 @@ def main(argv=None) -> int:
 
 
 # --- the model and the answers it must give ---------------------------------------------------------
-
-def make_model(path: Path) -> None:
-    """Random-weight GPT-2 124M (seed 0) with the GPT-2 tokenizer files, in Hugging Face layout."""
-    import torch
-    import transformers
-
-    from jaxformer.gpt2.tokenizer import GPT2_DIR
-
-    torch.manual_seed(0)
-    transformers.GPT2LMHeadModel(transformers.GPT2Config()).eval().save_pretrained(path)
-    for f in GPT2_DIR.iterdir():
-        if f.is_file():
-            shutil.copy(f, path / f.name)
-
 
 def references(model: str, translator: str | None, max_beam: int) -> dict:
     """What the server must answer: greedy texts by (prompt, max_tokens), seeded samples by (prompt,
@@ -137,72 +118,7 @@ def stop_case(text: str, rng: random.Random) -> tuple[str, str]:
     return stop, text[:text.find(stop)]
 
 
-# --- the server -------------------------------------------------------------------------------------
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
-
-
-class ServerProcess:
-    """``python -m jaxformer serve`` as a subprocess, its output in ``log``."""
-
-    def __init__(self, cmd: list[str], port: int, log: Path):
-        self.port, self.log_path = port, log
-        self.log = open(log, "wb")
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-
-    def wait_ready(self, timeout: float) -> float:
-        start = time.monotonic()
-        while time.monotonic() - start < timeout:
-            if self.proc.poll() is not None:
-                raise InputError(f"the server exited with status {self.proc.returncode}; its log ends:\n{self.tail()}")
-            if self.health():
-                return time.monotonic() - start
-            time.sleep(0.5)
-        raise InputError(f"the server was not ready after {timeout} s; its log ends:\n{self.tail()}")
-
-    def health(self) -> dict:
-        try:
-            status, body = send(self.port, "GET", "/health", None, {}, 10)
-            return body if status == 200 else {}
-        except OSError:
-            return {}
-
-    def rss_mb(self) -> float:
-        """Resident memory (VmRSS) in MB."""
-        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-        raise InputError("no VmRSS in /proc: the soak reads the server's memory there (Linux)")
-
-    def wait_idle(self, timeout: float) -> bool:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            h = self.health()
-            if h and not h["active"] and not h["queued"]:
-                return True
-            time.sleep(0.2)
-        return False
-
-    def stop(self, timeout: float = 120) -> int | None:
-        """SIGTERM, then the exit status (None: it had to be killed)."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            return self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-            return None
-        finally:
-            self.log.close()
-
-    def tail(self, lines: int = 30) -> str:
-        self.log.flush()
-        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-
+# --- the clients ------------------------------------------------------------------------------------
 
 def send(port: int, method: str, path: str, body: bytes | None, headers: dict, timeout: float,
          keep_events: int | None = None):
@@ -232,8 +148,6 @@ def send(port: int, method: str, path: str, body: bytes | None, headers: dict, t
     finally:
         conn.close()
 
-
-# --- the clients ------------------------------------------------------------------------------------
 
 def completion_texts(payload, stream: bool) -> list[str] | str:
     """The choices' texts in index order, or why the response is broken."""
@@ -431,9 +345,7 @@ def measure(server: ServerProcess, refs: dict, args, max_beam: int) -> dict:
 
 
 def percentiles(seconds: list[float]) -> dict:
-    if not seconds:
-        return {}
-    return {f"p{q}": round(float(np.percentile(seconds, q)), 3) for q in (50, 95, 99)}
+    return {f"p{q}": round(float(np.percentile(seconds, q)), 3) for q in (50, 95, 99)} if seconds else {}
 
 
 def summarize(results: list, wall: float, warm: int) -> dict:

@@ -1,5 +1,6 @@
-"""The shared attention pieces against float64 numpy: the fused path (``jax.nn.dot_product_attention``)
-and the einsum kernel, masks, and the KV cache written at one slot per row."""
+"""The shared attention pieces against float64 references: the fused path (``jax.nn.dot_product_attention``;
+on CPUs, causal attention goes through the blocked kernel with its own backward, checked against
+torch autograd), the einsum kernel, masks, and the KV cache written at one slot per row."""
 
 import numpy as np
 import pytest
@@ -59,3 +60,34 @@ def test_cache_writes_one_slot_per_row_and_the_mask_follows():
     single = np.asarray(causal_mask(np.ones((1, 6), bool), 2, 3))
     np.testing.assert_array_equal(single[0, 0], np.arange(6)[None] <= np.array([[3], [4]]))
 
+
+
+@pytest.mark.parametrize("dropout", [False, True])
+def test_blocked_causal_attention_and_its_gradient_equal_torch_float64(dropout):
+    """Training's causal attention on CPU (blocks of queries, a hand-written backward), over three
+    query blocks, against torch autograd in float64; the dropout as a fixed multiplier on the
+    probabilities, applied on both sides."""
+    import jax
+    import torch
+
+    b, t, h, d = 2, 600, 3, 8
+    rng = np.random.default_rng(0)
+    q, k, v, w = (rng.normal(size=(b, t, h, d)).astype(np.float32) for _ in range(4))
+    keep = (rng.random((b, h, t, t)) > 0.2).astype(np.float32) / 0.8 if dropout else None
+    dropout_fn = None if keep is None else (lambda p: p * keep)
+    scale = d ** -0.5
+
+    def loss(q, k, v):
+        return (dot_product_attention(q, k, v, None, scale=scale, dropout_fn=dropout_fn, heads_major=False) * w).sum()
+
+    value, grads = jax.value_and_grad(loss, argnums=(0, 1, 2))(q, k, v)
+    tq, tk, tv = (torch.tensor(a, dtype=torch.float64, requires_grad=True) for a in (q, k, v))
+    scores = torch.einsum("bqhd,bkhd->bhqk", tq, tk) * scale
+    scores = scores.masked_fill(~torch.ones(t, t, dtype=torch.bool).tril(), float("-inf"))
+    p = scores.softmax(-1) * (1 if keep is None else torch.tensor(keep, dtype=torch.float64))
+    want = (torch.einsum("bhqk,bkhd->bqhd", p, tv) * torch.tensor(w, dtype=torch.float64)).sum()
+    want.backward()
+    assert abs(float(value) - want.item()) <= 1e-5 * abs(want.item()) + 1e-3
+    for got, ref in zip(grads, (tq.grad, tk.grad, tv.grad)):
+        ref = ref.numpy()
+        np.testing.assert_allclose(np.asarray(got, np.float64), ref, atol=1e-5 * np.abs(ref).max())

@@ -8,6 +8,7 @@ updated one is returned. ``index`` is one slot for every row, or (one new token 
 row, int32[batch]: rows at different lengths, as a server's decoding slots are.
 """
 
+from functools import partial
 from typing import NamedTuple
 
 import jax
@@ -91,12 +92,17 @@ def dot_product_attention(q, k, v, mask, *, scale, upcast_qk: bool = False, drop
     Returns [b, tq, h, d] in v's dtype.
 
     Fresh keys and values go through ``jax.nn.dot_product_attention`` (cuDNN's fused attention
-    on GPUs, XLA's on CPUs) unless something needs the probabilities themselves (``probs_fn``,
-    ``dropout_fn``) or the scores differ from its (``upcast_qk``, a per-layer traced ``scale``).
+    on GPUs) unless something needs the probabilities themselves (``probs_fn``, ``dropout_fn``)
+    or the scores differ from its (``upcast_qk``, a per-layer traced ``scale``). On CPUs plain
+    causal attention over fresh keys (training; ``dropout_fn`` allowed) is
+    :func:`_causal_attention` instead, blocked and with a hand-written backward.
     """
-    fused = not heads_major and probs_fn is None and dropout_fn is None and not upcast_qk \
-        and isinstance(scale, (int, float))
-    if fused:
+    plain = not heads_major and probs_fn is None and not upcast_qk and isinstance(scale, (int, float))
+    if plain and mask is None and jax.default_backend() == "cpu":
+        mult = None if dropout_fn is None else \
+            dropout_fn(jnp.ones((q.shape[0], q.shape[2], q.shape[1], k.shape[1]), jnp.float32))
+        return _causal_attention(q, k, v, mult, float(scale))
+    if plain and dropout_fn is None:
         if mask is not None:  # a query with no valid key (an all-padding row) attends to every key:
             mask = mask | ~mask.any(-1, keepdims=True)  # finite, as below, where fused kernels may give NaN
         return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=float(scale), is_causal=mask is None)
@@ -114,3 +120,76 @@ def dot_product_attention(q, k, v, mask, *, scale, upcast_qk: bool = False, drop
     if dropout_fn is not None:
         probs = dropout_fn(probs)
     return jnp.einsum("bhqk,bhkd->bqhd", probs.astype(v.dtype), v)
+
+
+# Plain causal attention on CPUs: the scores of queries lo .. hi-1 only against keys 0 .. hi-1 (a
+# block of _BLOCK queries at a time skips most of the masked half), and a backward that recomputes
+# the probabilities from the saved log-sum-exp instead of keeping [b, h, t, t] per layer, with its
+# dots oriented so that XLA:CPU never transposes a [t, t] matrix (dV^T = dO^T P, dK^T = Q^T dS).
+_BLOCK = 256
+
+
+def _blocks(t: int) -> list[tuple[int, int]]:
+    return [(lo, min(lo + _BLOCK, t)) for lo in range(0, t, _BLOCK)]
+
+
+def _block_scores(qh, kh, scale, lo):
+    """float32[b, h, c, n]: heads-major queries ``lo .. lo+c`` against keys ``0 .. n``, causally masked."""
+    s = jnp.einsum("bhqd,bhkd->bhqk", qh, kh, preferred_element_type=jnp.float32) * scale
+    c, n = s.shape[-2:]
+    return jnp.where(jnp.arange(n)[None, :] <= lo + jnp.arange(c)[:, None], s, jnp.finfo(jnp.float32).min)
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _causal_attention(q, k, v, mult, scale: float):
+    """Causal softmax attention of fresh ``q, k, v: [b, t, h, d]`` -> [b, t, h, d] (v's dtype).
+
+    mult: float32[b, h, t, t], the dropout applied to the probabilities as a multiplier
+    (``dropout_fn(1)``: 0 or 1 / keep), or None."""
+    return _causal_fwd(q, k, v, mult, scale)[0]
+
+
+def _causal_fwd(q, k, v, mult, scale):
+    qh, kh, vh = (a.transpose(0, 2, 1, 3) for a in (q, k, v))
+    outs, lses = [], []
+    for lo, hi in _blocks(q.shape[1]):
+        s = _block_scores(qh[:, :, lo:hi], kh[:, :, :hi], scale, lo)
+        m = s.max(-1, keepdims=True)
+        e = jnp.exp(s - m)
+        total = e.sum(-1, keepdims=True)
+        p = e / total
+        if mult is not None:
+            p = p * mult[:, :, lo:hi, :hi]
+        outs.append(jnp.einsum("bhqk,bhkd->bhqd", p.astype(v.dtype), vh[:, :, :hi]))
+        lses.append(m + jnp.log(total))
+    out = jnp.concatenate(outs, axis=2).transpose(0, 2, 1, 3)
+    return out, (q, k, v, mult, out, jnp.concatenate(lses, axis=2))
+
+
+def _causal_bwd(scale, residuals, g):
+    q, k, v, mult, out, lse = residuals
+    qh, kh, vh, gh = (a.transpose(0, 2, 1, 3) for a in (q, k, v, g))
+    b, t, h, d = q.shape
+    # sum_k P~ dP~ = rowsum(dO * O) (P~ = dropped probabilities): no extra pass over [t, t].
+    delta = jnp.einsum("bqhd,bqhd->bhq", g.astype(jnp.float32), out.astype(jnp.float32))[..., None]
+    dqs = []
+    dkt = dvt = jnp.zeros((b, h, d, t), jnp.float32)  # dK, dV transposed: [b, h, d, t]
+    for lo, hi in _blocks(t):
+        p = jnp.exp(_block_scores(qh[:, :, lo:hi], kh[:, :, :hi], scale, lo) - lse[:, :, lo:hi])
+        mu = None if mult is None else mult[:, :, lo:hi, :hi]
+        pd = p if mu is None else p * mu
+        gi = gh[:, :, lo:hi]
+        dvt_i = jnp.einsum("bhqd,bhqk->bhdk", gi, pd.astype(g.dtype), preferred_element_type=jnp.float32)
+        dpd = jnp.einsum("bhqd,bhkd->bhqk", gi, vh[:, :, :hi], preferred_element_type=jnp.float32)
+        dp = dpd if mu is None else dpd * mu
+        ds = (p * (dp - delta[:, :, lo:hi]) * scale).astype(q.dtype)
+        dqs.append(jnp.einsum("bhqk,bhkd->bhqd", ds, kh[:, :, :hi], preferred_element_type=jnp.float32))
+        dkt_i = jnp.einsum("bhqd,bhqk->bhdk", qh[:, :, lo:hi], ds, preferred_element_type=jnp.float32)
+        pad = ((0, 0), (0, 0), (0, 0), (0, t - hi))
+        dvt, dkt = dvt + jnp.pad(dvt_i, pad), dkt + jnp.pad(dkt_i, pad)
+    dq = jnp.concatenate(dqs, axis=2).transpose(0, 2, 1, 3)
+    return (dq.astype(q.dtype), dkt.transpose(0, 3, 1, 2).astype(k.dtype), dvt.transpose(0, 3, 1, 2).astype(v.dtype),
+            None if mult is None else jnp.zeros_like(mult))
+
+
+_causal_attention.defvjp(_causal_fwd, _causal_bwd)
