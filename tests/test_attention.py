@@ -91,3 +91,23 @@ def test_blocked_causal_attention_and_its_gradient_equal_torch_float64(dropout):
     for got, ref in zip(grads, (tq.grad, tk.grad, tv.grad)):
         ref = ref.numpy()
         np.testing.assert_allclose(np.asarray(got, np.float64), ref, atol=1e-5 * np.abs(ref).max())
+
+
+def test_probs_dropout_keeps_each_probability_with_its_rate_and_rescales():
+    """Attention's dropout from 16-bit draws: the kept fraction within 5 binomial sigmas of
+    1 - rate over a million draws, kept values divided by the kept probability, odd widths, a
+    different mask per key."""
+    import jax
+    import jax.numpy as jnp
+
+    from jaxformer.nn.attention import probs_dropout
+
+    p = jnp.full((4, 3, 257, 333), 0.5, jnp.float32)
+    rate = 0.1
+    out = np.asarray(probs_dropout(jax.random.key(0), rate)(p))
+    kept = out != 0
+    n, keep = kept.size, 1 - rate
+    assert abs(kept.mean() - keep) < 5 * np.sqrt(keep * rate / n)
+    np.testing.assert_allclose(out[kept], 0.5 / keep, rtol=1e-5)
+    again = np.asarray(probs_dropout(jax.random.key(1), rate)(p)) != 0
+    assert 0.1 < (again != kept).mean() < 0.3  # independent masks disagree on 2 * 0.9 * 0.1 = 18%

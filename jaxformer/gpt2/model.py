@@ -38,7 +38,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxformer.nn.activations import activation
-from jaxformer.nn.attention import KVCache, causal_mask, dot_product_attention
+from jaxformer.nn.attention import KVCache, causal_mask, dot_product_attention, probs_dropout
 from jaxformer.gpt2.config import GPT2Config
 from jaxformer.gpt2.quantize import LowPrecisionDense, LowPrecisionEmbed
 from jaxformer.nn.taps import CAPTURE, EDITS, tap, tapped
@@ -107,7 +107,7 @@ class CausalSelfAttention(nn.Module):
             scale = scale / (layer_idx + 1)  # traced under nn.scan
         dropout = None
         if not self.deterministic and config.attn_pdrop > 0:
-            dropout = lambda p: nn.Dropout(config.attn_pdrop)(p, deterministic=False)  # noqa: E731
+            dropout = probs_dropout(self.make_rng("dropout"), config.attn_pdrop)
         probs_fn = (lambda p: tap(self, "pattern", p)) if tapped(self, "pattern") else None
         y = dot_product_attention(q, k, v, mask, scale=scale, upcast_qk=config.reorder_and_upcast_attn,
                                   dropout_fn=dropout, probs_fn=probs_fn, heads_major=not fresh)
