@@ -211,20 +211,12 @@ def bench_serve(args) -> list[dict]:
     """The multi-adapter-serve case (the module docstring)."""
     from jaxformer.benchmark import (HOST, ServerProcess, closed_loop, free_port, make_model, make_prompts,
                                      one_token_words, summarize_load)
-    from jaxformer.gpt2 import lora, peft
-    from jaxformer.gpt2.config import preset
 
     work = Path(tempfile.mkdtemp(prefix="bench-lora-serve-"))
     try:
         model_dir = work / "gpt2-random"
         make_model(model_dir)
-        config, spec = preset("gpt2"), lora.LoRASpec(rank=args.rank)
-        names = [f"adapter{i}" for i in range(args.adapters)]
-        for i, name in enumerate(names):
-            leaves, tree = jax.tree.flatten(lora.abstract(config, spec))
-            rng = np.random.default_rng(i)
-            adapter = jax.tree.unflatten(tree, [rng.normal(0, 0.02, x.shape).astype(np.float32) for x in leaves])
-            peft.save_peft(work / name, adapter, spec, base=str(model_dir))
+        names = write_adapters(work, model_dir, args.adapters, args.rank)
         streams = args.serve_streams
         cmd = [sys.executable, "-m", "jaxformer", "serve", "--gpt2", str(model_dir), "--host", HOST,
                "--slots", str(streams), "--max-queue", str(streams), "--compile-cache", str(work / "jit"),
@@ -269,6 +261,22 @@ def bench_serve(args) -> list[dict]:
                 jaxformer_tok_s=round(mixed["tok_s"], 1), base_tok_s=round(base["tok_s"], 1),
                 speedup=round(mixed["tok_s"] / base["tok_s"], 3), streams=streams, adapters=args.adapters,
                 failed=base["failed"] + mixed["failed"], lora=mixed, base=base)]
+
+
+def write_adapters(work: Path, model_dir: Path, n: int, rank: int) -> list[str]:
+    """Writes n PEFT adapters of ``rank`` on ``c_attn`` (random normal(0, 0.02) matrices, seeds 0 ..
+    n-1) as ``work/adapter{i}``; returns their names."""
+    from jaxformer.gpt2 import lora, peft
+    from jaxformer.gpt2.config import preset
+
+    config, spec = preset("gpt2"), lora.LoRASpec(rank=rank)
+    leaves, tree = jax.tree.flatten(lora.abstract(config, spec))
+    names = [f"adapter{i}" for i in range(n)]
+    for i, name in enumerate(names):
+        rng = np.random.default_rng(i)
+        adapter = jax.tree.unflatten(tree, [rng.normal(0, 0.02, x.shape).astype(np.float32) for x in leaves])
+        peft.save_peft(work / name, adapter, spec, base=str(model_dir))
+    return names
 
 
 CASES = {"lora-train": bench_train, "multi-adapter-serve": bench_serve}
