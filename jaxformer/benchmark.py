@@ -49,6 +49,21 @@ def best_times(fns: dict[str, Callable[[], object]], repeats: int, warmup: bool 
     return best
 
 
+def train_steps(step: Callable, state, batches: list) -> Callable[[int], None]:
+    """``run(n)``: n calls ``state, metrics = step(state, batch)`` over ``batches`` in turn, then a
+    wait for the metrics (the loss must be finite); ``run.state()`` is the latest state."""
+    box = [state]
+
+    def run(n: int) -> None:
+        for i in range(n):
+            box[0], metrics = step(box[0], batches[i % len(batches)])
+        jax.block_until_ready(metrics)
+        assert np.isfinite(float(metrics["loss"]))
+
+    run.state = lambda: box[0]
+    return run
+
+
 def device_name() -> str:
     """The first JAX device in words: the CPU model and core count, or the accelerator's kind."""
     d = jax.devices()[0]

@@ -40,7 +40,7 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # leave PyTorch
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from jaxformer.benchmark import STATISTIC, best_times, device_name, write_json  # noqa: E402
+from jaxformer.benchmark import STATISTIC, best_times, device_name, train_steps, write_json  # noqa: E402
 from jaxformer.commands import cli  # noqa: E402
 from jaxformer.errors import InputError  # noqa: E402
 
@@ -81,18 +81,12 @@ def bench_jax(args, rank: int | None):
     rng = np.random.default_rng(0)
     batches = [sh.put_batch(rng.integers(0, config.vocab_size, (args.batch_size, args.seq_len + 1), dtype=np.int32),
                             batch_sh) for _ in range(2)]
-    box = [state]
-
-    def run(n: int):
-        for i in range(n):
-            box[0], m = step(box[0], batches[i % 2])
-        jax.block_until_ready(m)
-        assert np.isfinite(float(m["loss"]))
-
+    run = train_steps(step, state, batches)
     run(args.warmup)
-    memory = dict(params_bytes=nbytes(box[0].params) + (nbytes(frozen) if frozen is not None else 0),
-                  trainable_params=sum(x.size for x in jax.tree.leaves(box[0].params)),
-                  optimizer_state_bytes=nbytes(box[0].opt_state))
+    state = run.state()
+    memory = dict(params_bytes=nbytes(state.params) + (nbytes(frozen) if frozen is not None else 0),
+                  trainable_params=sum(x.size for x in jax.tree.leaves(state.params)),
+                  optimizer_state_bytes=nbytes(state.opt_state))
     return run, memory
 
 

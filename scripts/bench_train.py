@@ -23,7 +23,7 @@ os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # leave PyTorch
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from jaxformer.benchmark import STATISTIC, best_times, device_name, write_json  # noqa: E402
+from jaxformer.benchmark import STATISTIC, best_times, device_name, train_steps, write_json  # noqa: E402
 from jaxformer.commands import cli  # noqa: E402
 from jaxformer.errors import InputError  # noqa: E402
 
@@ -50,14 +50,7 @@ def bench_jax(batch: int, seq: int, dtype: str, dropout: float, scan: bool, warm
     rng = np.random.default_rng(0)
     batches = [sh.put_batch(rng.integers(0, config.vocab_size, (batch, seq + 1), dtype=np.int32), batch_sh)
                for _ in range(2)]
-    box = [state]
-
-    def run(n: int):
-        for i in range(n):
-            box[0], m = step(box[0], batches[i % 2])
-        jax.block_until_ready(m)
-        assert np.isfinite(float(m["loss"]))
-
+    run = train_steps(step, state, batches)
     run(warmup)
     return run
 
